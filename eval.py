@@ -1,0 +1,155 @@
+"""
+Evaluate a checkpoint on a fixed held-out set of synthetic scenes (seeds disjoint from training:
+training scenes use seeds below 2**31, held-out scenes start at EVAL_SEED), for every
+trajectory family: PSNR and SSIM against the rendered ground truth, next to a copy-the-source
+baseline; temporal flicker; time per generated frame. Prints a table and writes JSON.
+
+    python eval.py --ckpt runs/teacher/ckpt.pt
+    python eval.py --ckpt runs/teacher/ckpt.pt --clips 2 --frames 4 --steps 10   # quick look
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+from model import load_model, teacher_sample
+
+EVAL_SEED = 2 ** 31 + 7_000_000  # held-out scenes; training draws seeds in [0, 2**31 - 1)
+FAMILIES = {
+    "static": ["static"], "orbit": ["orbit_left", "orbit_right", "orbit"], "pan": ["pan_left", "pan_right"],
+    "tilt": ["tilt_up", "tilt_down"], "dolly": ["dolly_in", "dolly_out"], "zoom": ["zoom_in", "zoom_out"],
+    "truck": ["truck_left", "truck_right"], "pedestal": ["pedestal_up", "pedestal_down"],
+}
+
+
+def heldout_batch(family, n_clips, T, size):
+    """n_clips held-out clips of T frames whose target follows the family's presets in turn."""
+    fam = list(FAMILIES).index(family)
+    clips = []
+    for j in range(n_clips):
+        rel, zoom = data.preset_path(FAMILIES[family][j % len(FAMILIES[family])], T)
+        seed = EVAL_SEED + 1000 * fam + j
+        clips.append(data.render_clip(seed, T, size, size, rel, zoom, gen=torch.Generator().manual_seed(seed)))
+    return data.collate(clips)
+
+# -----------------------------------------------------------------------------
+# metrics on (B, T, 3, H, W) videos in [-1, 1]
+
+def psnr(x, y):
+    """Per-clip PSNR in dB (B,), from the clip's mean squared error on the [0, 1] scale."""
+    mse = ((x - y) / 2).square().flatten(1).mean(1)
+    return -10 * torch.log10(mse.clamp(min=1e-10))
+
+
+def ssim(x, y, win=7, sigma=1.5):
+    """Per-clip mean SSIM (B,) with a Gaussian window (7 px: the frames are small)."""
+    B, T, C, H, W = x.shape
+    x, y = ((x + 1) / 2).reshape(B * T * C, 1, H, W), ((y + 1) / 2).reshape(B * T * C, 1, H, W)
+    g = torch.exp(-(torch.arange(win, dtype=torch.float32) - win // 2) ** 2 / (2 * sigma ** 2))
+    g = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None].to(x)
+    f = lambda z: F.conv2d(z, g)
+    mx, my = f(x), f(y)
+    vx, vy, cxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.reshape(B, -1).mean(1)
+
+
+def flicker(x, y):
+    """Temporal flicker (B,): mean |frame-to-frame change of x - that of the ground truth y|, on
+    the [0, 1] scale (x 100). 0 when the video changes exactly as the truth does."""
+    if x.shape[1] < 2:
+        return torch.zeros(x.shape[0])
+    dx, dy = x[:, 1:] - x[:, :-1], y[:, 1:] - y[:, :-1]
+    return 100 * ((dx - dy) / 2).abs().flatten(1).mean(1)
+
+
+def rays(batch, size, device):
+    return [c.to(device) for c in data.pair_rays(batch["rel"], batch["K_src"], batch["K_tgt"], size, size)]
+
+
+@torch.no_grad()
+def teacher_psnr(model, n_clips=4, T=4, steps=25, families=("orbit", "pan"), device="cpu"):
+    """Quick held-out PSNR of a teacher during training: {family: (model, copy)} and a sample
+    (source, generated, truth) of the first family for a video."""
+    out, sample = {}, None
+    for fam in families:
+        b = heldout_batch(fam, n_clips, T, model.cfg.size)
+        src = b["src"].to(device)
+        cam_src, cam_tgt = rays(b, model.cfg.size, device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = teacher_sample(model, src, cam_src, cam_tgt, steps, generator=gen).cpu()
+        out[fam] = (psnr(x, b["tgt"]).mean().item(), psnr(b["src"], b["tgt"]).mean().item())
+        sample = sample or (b["src"], x, b["tgt"])
+    return out, sample
+
+
+def save_strip(path, src, gen, tgt, upscale=4):
+    """PNG strip: rows source / generated / truth, frames left to right (first clip)."""
+    import imageio.v3 as iio
+    rows = [torch.cat(list(v[0]), -1) for v in (src, gen, tgt)]
+    img = data.to_uint8(torch.cat(rows, -2))
+    iio.imwrite(path, img.repeat(upscale, 0).repeat(upscale, 1))
+
+
+def save_sample_video(path, src, gen, tgt, fps=4.0):
+    """mp4 of source | generated | truth side by side, clips one after the other."""
+    frames = torch.cat([data.side_by_side(s, g, t) for s, g, t in zip(src, gen, tgt)])
+    data.write_video(path, frames, fps, upscale=4)
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Evaluate a RealCam-min checkpoint on held-out scenes.")
+    p.add_argument("--ckpt", type=str, default="runs/teacher/ckpt.pt", help="checkpoint path")
+    p.add_argument("--clips", type=int, default=6, help="held-out clips a family")
+    p.add_argument("--frames", type=int, default=8, help="frames (pairs) a clip")
+    p.add_argument("--steps", type=int, default=50, help="teacher Euler steps")
+    p.add_argument("--families", type=str, default=",".join(FAMILIES), help="comma-separated families")
+    p.add_argument("--out", type=str, default=None, help="JSON output (default: next to the checkpoint)")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    try:
+        model, ckpt = load_model(args.ckpt, args.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    cfg, S = model.cfg, model.cfg.size
+    families = args.families.split(",")
+    for f in families:
+        if f not in FAMILIES:
+            raise SystemExit(f"error: unknown family '{f}': choose from {', '.join(FAMILIES)}")
+    print(f"{args.ckpt}: step {ckpt.get('step')}, {S}x{S}, {args.clips} clips x {args.frames} frames a family, "
+          f"{args.steps} steps")
+    rows, all_gen = {}, []
+    for fam in families:
+        b = heldout_batch(fam, args.clips, args.frames, S)
+        src = b["src"].to(args.device)
+        cam_src, cam_tgt = rays(b, S, args.device)
+        gen = torch.Generator(device=args.device).manual_seed(0)
+        t0 = time.time()
+        x = teacher_sample(model, src, cam_src, cam_tgt, args.steps, generator=gen).cpu()
+        dt = time.time() - t0
+        rows[fam] = dict(psnr=psnr(x, b["tgt"]).mean().item(), psnr_copy=psnr(b["src"], b["tgt"]).mean().item(),
+                         ssim=ssim(x, b["tgt"]).mean().item(), ssim_copy=ssim(b["src"], b["tgt"]).mean().item(),
+                         flicker=flicker(x, b["tgt"]).mean().item(), flicker_copy=flicker(b["src"], b["tgt"]).mean().item(),
+                         ms_per_frame=1000 * dt / x.shape[0] / x.shape[1])
+        all_gen.append((b["src"][:1], x[:1], b["tgt"][:1]))
+    keys = list(next(iter(rows.values())))
+    moving = [r for f, r in rows.items() if f != "static"] or list(rows.values())  # static: copy is exact
+    mean = {k: sum(r[k] for r in moving) / len(moving) for k in keys}
+    print(f"{'family':10s} {'PSNR':>7s} {'copy':>7s} {'gain':>6s} {'SSIM':>6s} {'copy':>6s} {'flicker':>8s} {'copy':>6s} {'ms/frame':>9s}")
+    for name, r in list(rows.items()) + [("mean*", mean)]:
+        print(f"{name:10s} {r['psnr']:7.2f} {r['psnr_copy']:7.2f} {r['psnr'] - r['psnr_copy']:+6.2f} {r['ssim']:6.3f} "
+              f"{r['ssim_copy']:6.3f} {r['flicker']:8.2f} {r['flicker_copy']:6.2f} {r['ms_per_frame']:9.1f}")
+    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "eval.json")
+    with open(out, "w") as f:
+        json.dump(dict(ckpt=args.ckpt, step=ckpt.get("step"), steps=args.steps, clips=args.clips,
+                       frames=args.frames, families=rows, mean=mean), f, indent=1)
+    strip = out.replace(".json", ".png")
+    save_strip(strip, *[torch.cat(v, 1) for v in zip(*all_gen)])
+    print(f"* mean over the moving families (static: the target is the source, copy is exact)\n"
+          f"wrote {out} and {strip} (rows: source / generated / truth; families left to right)")

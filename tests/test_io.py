@@ -1,0 +1,94 @@
+"""Video I/O and the on-disk multi-view format, bad input included."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+def write_raw(path, frames, codec="libx264", pix_fmt="yuv420p", fps=10):
+    """Write uint8 frames (T, H, W, 3) with a chosen codec (FFV1 in .mkv allows odd sizes)."""
+    import av
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        for f in frames:
+            fmt = "gray" if f.ndim == 2 else "rgb24"
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format=fmt)):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_video_round_trip(tmp_path):
+    clip = data.render_clip(1, 6, 32, 32)["src"]
+    path = str(tmp_path / "v.mp4")
+    data.write_video(path, clip, fps=12)
+    back = torch.stack(list(data.read_video(path)))
+    assert back.shape == clip.shape and (back - clip).abs().mean() < 0.05    # lossy but close
+    assert abs(data.video_fps(path) - 12) < 1e-6
+    assert len(list(data.read_video(path, 16, max_frames=4))) == 4
+
+
+def test_odd_size_grayscale_and_one_frame(tmp_path):
+    rng = np.random.default_rng(0)
+    odd = tmp_path / "odd.mkv"
+    write_raw(odd, rng.integers(0, 255, (3, 37, 23, 3), dtype=np.uint8), codec="ffv1", pix_fmt="bgr0")
+    frames = list(data.read_video(str(odd), 16))
+    assert len(frames) == 3 and frames[0].shape == (3, 16, 16)
+    gray = tmp_path / "gray.mkv"
+    write_raw(gray, rng.integers(0, 255, (2, 20, 30), dtype=np.uint8), codec="ffv1", pix_fmt="gray")
+    g = list(data.read_video(str(gray), 8))
+    assert g[0].shape == (3, 8, 8) and torch.allclose(g[0][0], g[0][1])
+    one = tmp_path / "one.mp4"
+    data.write_video(str(one), torch.zeros(1, 3, 16, 16))
+    assert len(list(data.read_video(str(one), 16))) == 1
+    # 2-D (grayscale) and RGBA arrays convert too
+    assert data.to_model_frame(np.zeros((5, 7), np.uint8), 4).shape == (3, 4, 4)
+    assert data.to_model_frame(np.zeros((5, 7, 4), np.uint8), 4).shape == (3, 4, 4)
+
+
+def test_bad_videos_raise_one_clear_error(tmp_path):
+    with pytest.raises(data.VideoError, match="video not found: .*missing.mp4"):
+        list(data.read_video(str(tmp_path / "missing.mp4")))
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(os.urandom(2000))
+    with pytest.raises(data.VideoError, match="cannot read video .*corrupt.mp4"):
+        list(data.read_video(str(corrupt)))
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(data.VideoError, match="empty.mp4"):
+        list(data.read_video(str(empty)))
+
+
+def test_on_disk_format_round_trip_and_errors(tmp_path):
+    frames, c2w, K = data.synth_multiview_scene(3, n_cams=3, T=5, size=16)
+    d = str(tmp_path / "scene")
+    data.write_scene(d, frames, c2w, K)
+    sc = data.load_scene(d)
+    assert torch.allclose(sc["c2w"], c2w) and torch.allclose(sc["K"], K)
+    assert (sc["frames"] - frames).abs().mean() < 0.06
+    # camera 0 is the base path; the others are relative to it frame by frame
+    assert torch.allclose(data.relative_pose(sc["c2w"][0], sc["c2w"][0]), torch.eye(4).expand(5, 4, 4), atol=1e-5)
+    ds = data.MultiViewDataset(str(tmp_path), 16)
+    b = ds.batch(0, pairs=6, max_pairs=3)
+    assert b["src"].shape[2:] == (3, 16, 16) and b["rel"].shape[-2:] == (4, 4)
+    # a frame-count mismatch names the file
+    original = open(os.path.join(d, "cameras.json")).read()
+    meta = json.loads(original)
+    meta["cameras"][1]["c2w"] = meta["cameras"][1]["c2w"][:4]
+    json.dump(meta, open(os.path.join(d, "cameras.json"), "w"))
+    with pytest.raises(ValueError, match="frame count mismatch: .*cam01.mp4 has 5 frames"):
+        data.load_scene(d)
+    open(os.path.join(d, "cameras.json"), "w").write(original)
+    os.remove(os.path.join(d, "cam02.mp4"))
+    with pytest.raises(data.VideoError, match="video not found: .*cam02.mp4"):
+        data.load_scene(d)
+    open(os.path.join(d, "cameras.json"), "w").write("{broken")
+    with pytest.raises(ValueError, match="malformed camera file .*cameras.json"):
+        data.load_scene(d)
+    with pytest.raises(FileNotFoundError, match="no scenes"):
+        data.list_scenes(str(tmp_path / "scene"))

@@ -1,0 +1,102 @@
+"""Training: overfitting, exact resume, the scripts end to end on `tiny`, DDP on gloo."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+from model import PRESETS, RealCamDiT, add_noise, encode_target, load_checkpoint, load_model
+
+TINY = PRESETS["tiny"]
+
+
+def test_tiny_teacher_overfits_one_batch():
+    torch.manual_seed(0)
+    cfg, S = TINY, TINY.size
+    m = RealCamDiT(cfg)
+    b = data.synthetic_batch(0, 4, 2, S, S)
+    cs, ct = data.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
+    x0 = encode_target(b["tgt"], b["src"], cfg)
+    g = torch.Generator().manual_seed(0)
+    e, t = torch.randn(x0.shape, generator=g), torch.rand(x0.shape[:2], generator=g)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(300):
+        loss = F.mse_loss(m(b["src"], add_noise(x0, e, t), cs, ct, t), e - x0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def teacher(script, out, *extra):
+    return script("teacher.py", "--preset", "tiny", "--out", out, "--pairs", 4, "--max_pairs", 3,
+                  "--eval_every", 4, "--eval_steps", 2, "--save_every", 100, "--warmup", 2, *extra)
+
+
+def test_resume_continues_exactly(script, tmp_path):
+    """Stop after 3 steps, resume to 6 == an uninterrupted run of 6 (model, EMA, optimizer)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    teacher(script, a, "--max_steps", 6)
+    r = teacher(script, b, "--max_steps", 6, "--stop_at", 3)
+    assert "stopped at step 3" in r.stdout
+    assert load_checkpoint(os.path.join(b, "ckpt.pt"))["step"] == 3
+    teacher(script, b, "--max_steps", 6, "--resume")
+    ca, cb = load_checkpoint(os.path.join(a, "ckpt.pt")), load_checkpoint(os.path.join(b, "ckpt.pt"))
+    assert ca["step"] == cb["step"] == 6
+    for key in ("model", "ema"):
+        for k in ca[key]:
+            assert torch.equal(ca[key][k], cb[key][k]), f"{key}.{k} differs"
+    assert torch.equal(ca["optim"]["state"][0]["exp_avg"], cb["optim"]["state"][0]["exp_avg"])
+
+
+def test_teacher_eval_data_end_to_end(script, tmp_path):
+    d, run = str(tmp_path / "ds"), str(tmp_path / "run")
+    r = script("data.py", "--out", d, "--scenes", 2, "--cams", 3, "--frames", 5, "--size", 16)
+    assert os.path.isfile(os.path.join(d, "preview.mp4")) and "wrote 2 scenes" in r.stdout
+    scene = data.load_scene(os.path.join(d, "scene_00001"))
+    assert scene["frames"].shape == (3, 5, 3, 16, 16) and scene["c2w"].shape == (3, 5, 4, 4)
+    # teacher on the on-disk dataset, with a periodic evaluation and sample video
+    r = teacher(script, run, "--max_steps", 5, "--data", d)
+    assert "eval 4" in r.stdout + r.stderr and "step 4/5" in open(os.path.join(run, "log.txt")).read()
+    for f in ("ckpt.pt", "sample.mp4", "sample.png"):
+        assert os.path.isfile(os.path.join(run, f)), f
+    # eval.py on the result: a table and a JSON with every family
+    r = script("eval.py", "--ckpt", os.path.join(run, "ckpt.pt"), "--clips", 2, "--frames", 3, "--steps", 2)
+    assert "mean" in r.stdout
+    res = json.load(open(os.path.join(run, "eval.json")))
+    assert set(res["families"]) == {"static", "orbit", "pan", "tilt", "dolly", "zoom", "truck", "pedestal"}
+    assert res["families"]["static"]["psnr_copy"] == 100.0                   # identity: copy is exact
+    assert all(0 < v["psnr_copy"] < 40 for f, v in res["families"].items() if f != "static")
+    model, ckpt = load_model(os.path.join(run, "ckpt.pt"))
+    assert ckpt["step"] == 5 and ckpt["args"]["data"] == d
+
+
+def test_scripts_fail_clearly(script, tmp_path):
+    r = script("teacher.py", "--preset", "tiny", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"), ok=False)
+    assert r.returncode != 0 and "error: dataset folder not found" in r.stderr and "Traceback" not in r.stderr
+    r = script("eval.py", "--ckpt", str(tmp_path / "missing.pt"), ok=False)
+    assert r.returncode != 0 and "checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    r = script("eval.py", "--ckpt", str(bad), ok=False)
+    assert r.returncode != 0 and "cannot load checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """teacher.py under torchrun with two processes on the gloo backend."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = str(tmp_path / "ddp")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "teacher.py", "--preset", "tiny", "--out", out, "--pairs", "2", "--max_pairs", "2",
+                        "--max_steps", "3", "--eval_every", "100", "--save_every", "100"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 processes a step" in r.stdout and load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 3
