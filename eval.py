@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import load_model, teacher_sample
+from model import load_model, student_sample, teacher_sample
 
 EVAL_SEED = 2 ** 31 + 7_000_000  # held-out scenes; training draws seeds in [0, 2**31 - 1)
 FAMILIES = {
@@ -73,16 +73,23 @@ def rays(batch, size, device):
 
 
 @torch.no_grad()
-def teacher_psnr(model, n_clips=4, T=4, steps=25, families=("orbit", "pan"), device="cpu"):
-    """Quick held-out PSNR of a teacher during training: {family: (model, copy)} and a sample
-    (source, generated, truth) of the first family for a video."""
+def generate(model, batch, steps, student=False, device="cpu", seed=0):
+    """Target pixels (B, T, 3, H, W) for a batch of clips: the teacher's bidirectional Euler
+    sampler, or the student's chunk-by-chunk few-step sampler with its KV cache."""
+    src = batch["src"].to(device)
+    cam_src, cam_tgt = rays(batch, model.cfg.size, device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sampler = student_sample if student else teacher_sample
+    return sampler(model, src, cam_src, cam_tgt, steps, generator=gen).cpu()
+
+
+def quick_psnr(model, steps=25, student=False, n_clips=4, T=4, families=("orbit", "pan"), device="cpu"):
+    """Held-out PSNR during training: {family: (model, copy)} and a sample (source, generated,
+    truth) of the first family for a video."""
     out, sample = {}, None
     for fam in families:
         b = heldout_batch(fam, n_clips, T, model.cfg.size)
-        src = b["src"].to(device)
-        cam_src, cam_tgt = rays(b, model.cfg.size, device)
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = teacher_sample(model, src, cam_src, cam_tgt, steps, generator=gen).cpu()
+        x = generate(model, b, steps, student, device)
         out[fam] = (psnr(x, b["tgt"]).mean().item(), psnr(b["src"], b["tgt"]).mean().item())
         sample = sample or (b["src"], x, b["tgt"])
     return out, sample
@@ -105,51 +112,57 @@ def save_sample_video(path, src, gen, tgt, fps=4.0):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Evaluate a RealCam-min checkpoint on held-out scenes.")
-    p.add_argument("--ckpt", type=str, default="runs/teacher/ckpt.pt", help="checkpoint path")
+    p.add_argument("--ckpt", type=str, default="runs/teacher/ckpt.pt", help="checkpoint path (teacher or student)")
     p.add_argument("--clips", type=int, default=6, help="held-out clips a family")
     p.add_argument("--frames", type=int, default=8, help="frames (pairs) a clip")
-    p.add_argument("--steps", type=int, default=50, help="teacher Euler steps")
+    p.add_argument("--steps", type=str, default=None,
+                   help="comma-separated sampling steps (default: 50 for a teacher, 1,2,4 for a student)")
     p.add_argument("--families", type=str, default=",".join(FAMILIES), help="comma-separated families")
-    p.add_argument("--out", type=str, default=None, help="JSON output (default: next to the checkpoint)")
+    p.add_argument("--out", type=str, default=None, help="JSON output (default: eval.json next to the checkpoint)")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     try:
         model, ckpt = load_model(args.ckpt, args.device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    cfg, S = model.cfg, model.cfg.size
+    student = "student" in ckpt
+    S = model.cfg.size
     families = args.families.split(",")
     for f in families:
         if f not in FAMILIES:
             raise SystemExit(f"error: unknown family '{f}': choose from {', '.join(FAMILIES)}")
-    print(f"{args.ckpt}: step {ckpt.get('step')}, {S}x{S}, {args.clips} clips x {args.frames} frames a family, "
-          f"{args.steps} steps")
-    rows, all_gen = {}, []
-    for fam in families:
-        b = heldout_batch(fam, args.clips, args.frames, S)
-        src = b["src"].to(args.device)
-        cam_src, cam_tgt = rays(b, S, args.device)
-        gen = torch.Generator(device=args.device).manual_seed(0)
-        t0 = time.time()
-        x = teacher_sample(model, src, cam_src, cam_tgt, args.steps, generator=gen).cpu()
-        dt = time.time() - t0
-        rows[fam] = dict(psnr=psnr(x, b["tgt"]).mean().item(), psnr_copy=psnr(b["src"], b["tgt"]).mean().item(),
-                         ssim=ssim(x, b["tgt"]).mean().item(), ssim_copy=ssim(b["src"], b["tgt"]).mean().item(),
-                         flicker=flicker(x, b["tgt"]).mean().item(), flicker_copy=flicker(b["src"], b["tgt"]).mean().item(),
-                         ms_per_frame=1000 * dt / x.shape[0] / x.shape[1])
-        all_gen.append((b["src"][:1], x[:1], b["tgt"][:1]))
-    keys = list(next(iter(rows.values())))
-    moving = [r for f, r in rows.items() if f != "static"] or list(rows.values())  # static: copy is exact
-    mean = {k: sum(r[k] for r in moving) / len(moving) for k in keys}
-    print(f"{'family':10s} {'PSNR':>7s} {'copy':>7s} {'gain':>6s} {'SSIM':>6s} {'copy':>6s} {'flicker':>8s} {'copy':>6s} {'ms/frame':>9s}")
-    for name, r in list(rows.items()) + [("mean*", mean)]:
-        print(f"{name:10s} {r['psnr']:7.2f} {r['psnr_copy']:7.2f} {r['psnr'] - r['psnr_copy']:+6.2f} {r['ssim']:6.3f} "
-              f"{r['ssim_copy']:6.3f} {r['flicker']:8.2f} {r['flicker_copy']:6.2f} {r['ms_per_frame']:9.1f}")
+    steps_list = [int(s) for s in (args.steps or ("1,2,4" if student else "50")).split(",")]
+    kind = "student (block-causal, KV cache)" if student else "teacher (bidirectional, Euler)"
+    print(f"{args.ckpt}: {kind}, step {ckpt.get('step')}, {S}x{S}, {args.clips} clips x {args.frames} frames a family")
+    batches = {fam: heldout_batch(fam, args.clips, args.frames, S) for fam in families}
+    runs, strip = [], []
+    for steps in steps_list:
+        rows = {}
+        for fam, b in batches.items():
+            t0 = time.time()
+            x = generate(model, b, steps, student, args.device)
+            dt = time.time() - t0
+            y, s = b["tgt"], b["src"]
+            rows[fam] = dict(psnr=psnr(x, y).mean().item(), psnr_copy=psnr(s, y).mean().item(),
+                             ssim=ssim(x, y).mean().item(), ssim_copy=ssim(s, y).mean().item(),
+                             flicker=flicker(x, y).mean().item(), flicker_copy=flicker(s, y).mean().item(),
+                             ms_per_frame=1000 * dt / x.shape[0] / x.shape[1])
+            if steps == steps_list[-1]:
+                strip.append((s[:1], x[:1], y[:1]))
+        moving = [r for f, r in rows.items() if f != "static"] or list(rows.values())  # static: copy is exact
+        mean = {k: sum(r[k] for r in moving) / len(moving) for k in moving[0]}
+        runs.append(dict(sampler="student" if student else "teacher", steps=steps, families=rows, mean=mean))
+        print(f"\n{steps} steps\n{'family':10s} {'PSNR':>7s} {'copy':>7s} {'gain':>6s} {'SSIM':>6s} {'copy':>6s} "
+              f"{'flicker':>8s} {'copy':>6s} {'ms/frame':>9s}")
+        for name, r in list(rows.items()) + [("mean*", mean)]:
+            print(f"{name:10s} {r['psnr']:7.2f} {r['psnr_copy']:7.2f} {r['psnr'] - r['psnr_copy']:+6.2f} "
+                  f"{r['ssim']:6.3f} {r['ssim_copy']:6.3f} {r['flicker']:8.2f} {r['flicker_copy']:6.2f} "
+                  f"{r['ms_per_frame']:9.1f}")
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "eval.json")
     with open(out, "w") as f:
-        json.dump(dict(ckpt=args.ckpt, step=ckpt.get("step"), steps=args.steps, clips=args.clips,
-                       frames=args.frames, families=rows, mean=mean), f, indent=1)
-    strip = out.replace(".json", ".png")
-    save_strip(strip, *[torch.cat(v, 1) for v in zip(*all_gen)])
+        json.dump(dict(ckpt=args.ckpt, step=ckpt.get("step"), clips=args.clips, frames=args.frames,
+                       device=args.device, runs=runs), f, indent=1)
+    png = out.replace(".json", ".png")
+    save_strip(png, *[torch.cat(v, 1) for v in zip(*strip)])
     print(f"* mean over the moving families (static: the target is the source, copy is exact)\n"
-          f"wrote {out} and {strip} (rows: source / generated / truth; families left to right)")
+          f"wrote {out} and {png} (rows: source / generated / truth; families left to right)")

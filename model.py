@@ -293,6 +293,69 @@ def teacher_sample(model, src, cam_src, cam_tgt, steps=50, generator=None, noise
         x = x + (ts[i + 1] - ts[i]) * v                                          # dx/dt = v
     return decode_target(x, src, cfg)
 
+
+def student_timesteps(steps, shift):
+    """The student's few-step schedule: t_j = shift(1 - j / steps), e.g. 4 steps: 1, .75, .5, .25
+    warped toward noise (1, .86, .67, .4 with shift 2)."""
+    return [shift_t(1 - j / steps, shift) for j in range(steps)]
+
+
+def chunk_pass(model, cache, src, x, cam_src, cam_tgt, t, time, write):
+    """One KV-cached pass of a chunk's targets x (B, n, 3, H, W) at noise level t (B, n).
+    If source tokens never see targets, the chunk's source frames were written to the cache
+    already (once, see student_chunk) and only the targets run; otherwise both run as pairs."""
+    B, n = x.shape[:2]
+    ones = torch.ones(n, dtype=torch.long, device=x.device)
+    if not model.cfg.src_sees_tgt:
+        return model.forward_frames(x, cam_tgt, t, time, ones, True, cache, write)
+    pair = lambda a, b: torch.stack([a, b], 2).flatten(1, 2)
+    out = model.forward_frames(pair(src, x), pair(cam_src, cam_tgt), pair(torch.zeros_like(t), t),
+                               time.repeat_interleave(2), torch.stack([0 * ones, ones], 1).flatten(), True, cache, write)
+    return out[:, 1::2]
+
+
+def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_step=None):
+    """Generate one chunk of n target frames with the student's KV cache, in diffusion space.
+    src (B, n, 3, H, W), cam_* (B, n, 6, H, W), time (n,) absolute pair indices,
+    noise (steps, B, n, 3, H, W): the starting noise and the fresh noise of each re-noising.
+    Runs steps 0..exit_step (default: all); only the last of them keeps gradients (when grad
+    is enabled), then a t = 0 pass without gradient writes the chunk's clean keys and values."""
+    B, n = src.shape[:2]
+    ts = student_timesteps(steps, model.cfg.shift)
+    last = steps - 1 if exit_step is None else exit_step
+    grad = torch.is_grad_enabled()
+    zeros = torch.zeros(B, n, device=src.device)
+    with torch.no_grad():
+        if not model.cfg.src_sees_tgt:                                       # encode the source once
+            model.forward_frames(src, cam_src, zeros, time, 0 * time, True, cache, True)
+    x = noise[0]
+    for j in range(last + 1):
+        with torch.set_grad_enabled(grad and j == last):
+            v = chunk_pass(model, cache, src, x, cam_src, cam_tgt, zeros + ts[j], time, False)
+            x0 = x - ts[j] * v                                                # x0 = x_t - t v
+        if j < last:
+            x = (1 - ts[j + 1]) * x0 + ts[j + 1] * noise[j + 1]             # re-noise to t_{j+1}
+    with torch.no_grad():
+        chunk_pass(model, cache, src, x0.detach(), cam_src, cam_tgt, zeros, time, True)   # clean KV
+    return x0
+
+
+@torch.no_grad()
+def student_sample(model, src, cam_src, cam_tgt, steps=4, generator=None, cache=None, time0=0):
+    """Few-step block-causal generation of T target frames, chunk by chunk with a KV cache.
+    Returns target pixels (B, T, 3, H, W)."""
+    cfg, (B, T) = model.cfg, src.shape[:2]
+    cache = cache if cache is not None else KVCache(cfg)
+    out = []
+    for c0 in range(0, T, cfg.chunk):
+        sl = slice(c0, min(T, c0 + cfg.chunk))
+        n = sl.stop - sl.start
+        noise = torch.randn((steps, B, n) + src.shape[2:], generator=generator, device=src.device)
+        time = torch.arange(sl.start, sl.stop, device=src.device) + time0
+        x0 = student_chunk(model, cache, src[:, sl], cam_src[:, sl], cam_tgt[:, sl], time, steps, noise)
+        out.append(decode_target(x0, src[:, sl], cfg))
+    return torch.cat(out, 1)
+
 # -----------------------------------------------------------------------------
 # sizes, FLOPs, checkpoints
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from eval import save_sample_video, save_strip, teacher_psnr
+from eval import quick_psnr, save_sample_video, save_strip
 from model import (PRESETS, Config, RealCamDiT, add_noise, encode_target, flops_per_forward, load_checkpoint,
                    num_params, sample_t, save_checkpoint)
 
@@ -141,7 +141,7 @@ try:
         last = step == args.max_steps
         # periodic held-out evaluation of the EMA weights (PSNR vs ground truth and copy-the-source)
         if master and (step % args.eval_every == 0 or last) and step > start:
-            res, (s, x, y) = teacher_psnr(ema, steps=args.eval_steps, device=args.device)
+            res, (s, x, y) = quick_psnr(ema, args.eval_steps, device=args.device)
             gain = sum(m - c for m, c in res.values()) / len(res)
             best = max(best, sum(m for m, _ in res.values()) / len(res))
             bar.write(f"eval {step} | " + " | ".join(f"{k} {m:.2f} dB (copy {c:.2f})" for k, (m, c) in res.items())

@@ -68,8 +68,8 @@ def test_teacher_eval_data_end_to_end(script, tmp_path):
     # eval.py on the result: a table and a JSON with every family
     r = script("eval.py", "--ckpt", os.path.join(run, "ckpt.pt"), "--clips", 2, "--frames", 3, "--steps", 2)
     assert "mean" in r.stdout
-    res = json.load(open(os.path.join(run, "eval.json")))
-    assert set(res["families"]) == {"static", "orbit", "pan", "tilt", "dolly", "zoom", "truck", "pedestal"}
+    res = json.load(open(os.path.join(run, "eval.json")))["runs"][0]
+    assert res["steps"] == 2 and set(res["families"]) == {"static", "orbit", "pan", "tilt", "dolly", "zoom", "truck", "pedestal"}
     assert res["families"]["static"]["psnr_copy"] == 100.0                   # identity: copy is exact
     assert all(0 < v["psnr_copy"] < 40 for f, v in res["families"].items() if f != "static")
     model, ckpt = load_model(os.path.join(run, "ckpt.pt"))

@@ -1,0 +1,157 @@
+"""Distillation: DMD on a toy with a closed-form score, gradient truncation in Self-Forcing
+rollouts, the cached few-step sampler against full masked forwards, distill.py end to end."""
+import json
+import os
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+
+from distill import dmd_loss, dmd_timestep, rollout
+from model import KVCache, PRESETS, decode_target, save_checkpoint, student_chunk, student_sample, student_timesteps
+from test_model import inputs, random_model
+
+TINY = PRESETS["tiny"]
+
+# -----------------------------------------------------------------------------
+# DMD on a 2-D Gaussian: real score in closed form, critic learned with flow matching
+
+MU = torch.tensor([2.0, -1.0])
+SIGMA = torch.tensor([[1.0, 0.5], [0.5, 0.6]])
+
+
+def gaussian_x0(xt, t, mu, sigma):
+    """E[x0 | x_t] for x0 ~ N(mu, sigma), x_t = (1 - t) x0 + t e: the exact denoiser."""
+    a = (1 - t)[:, None, None]
+    C = a ** 2 * sigma + (t ** 2)[:, None, None] * torch.eye(2)
+    return mu + (a * sigma @ torch.linalg.solve(C, (xt - a[:, :, 0] * mu)[..., None]))[..., 0]
+
+
+def run_toy_dmd(flip, steps=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.eye(2, requires_grad=True)                       # generator x = A z + b, starts at N(0, I)
+    b = torch.zeros(2, requires_grad=True)
+    mu_f = torch.zeros(2, requires_grad=True)                  # critic: a Gaussian denoiser with
+    L_f = torch.eye(2, requires_grad=True)                     # learned mean and covariance L L^T
+    opt_g = torch.optim.Adam([A, b], lr=0.02)
+    opt_c = torch.optim.Adam([mu_f, L_f], lr=0.05)
+    for _ in range(steps):
+        for _ in range(5):                                     # critic: flow matching on fresh samples
+            x = (torch.randn(256, 2, generator=g) @ A.T + b).detach()
+            t = torch.rand(256, generator=g).clamp(0.02, 0.98)
+            e = torch.randn(256, 2, generator=g)
+            xt = (1 - t[:, None]) * x + t[:, None] * e
+            x0 = gaussian_x0(xt, t, mu_f, L_f @ L_f.T + 1e-4 * torch.eye(2))
+            loss_c = ((xt - x0) / t[:, None] - (e - x)).square().mean()     # v = (x_t - x0) / t
+            opt_c.zero_grad()
+            loss_c.backward()
+            opt_c.step()
+        x = torch.randn(256, 2, generator=g) @ A.T + b
+        t = dmd_timestep(256, 1.0, g)
+        xt = (1 - t[:, None]) * x.detach() + t[:, None] * torch.randn(256, 2, generator=g)
+        with torch.no_grad():
+            x0_real = gaussian_x0(xt, t, MU, SIGMA)
+            x0_fake = gaussian_x0(xt, t, mu_f, L_f @ L_f.T + 1e-4 * torch.eye(2))
+        if flip:                                               # the same loss with g -> -g
+            x0_fake = 2 * x0_real - x0_fake
+        loss, _ = dmd_loss(x, x0_real, x0_fake)
+        opt_g.zero_grad()
+        loss.backward()
+        opt_g.step()
+    with torch.no_grad():
+        return b.clone(), A @ A.T
+
+
+def test_dmd_moves_the_generator_to_the_target():
+    mean, cov = run_toy_dmd(flip=False)
+    assert (mean - MU).norm() < 0.15, mean
+    assert (cov - SIGMA).norm() < 0.25, cov
+
+
+def test_dmd_with_the_sign_flipped_diverges():
+    mean, cov = run_toy_dmd(flip=True)
+    start = MU.norm()                                          # distance of N(0, I)'s mean
+    assert (mean - MU).norm() > start + 1.0, mean
+
+# -----------------------------------------------------------------------------
+# Self-Forcing rollouts
+
+
+def test_gradients_only_through_the_exit_step_and_never_across_chunks():
+    m = random_model(replace(TINY, window=0))
+    src, _, cs, ct, _ = inputs(1, 2)
+    calls = []
+    inner = m.forward_frames
+    def spy(*a, **k):
+        out = inner(*a, **k)
+        calls.append((out.requires_grad, a[7] if len(a) > 7 else k.get("write")))
+        return out
+    m.forward_frames = spy
+    steps, exit_step = 4, 2
+    noise = [torch.randn(steps, 1, 1, 3, 16, 16, requires_grad=True) for _ in range(2)]
+    cache, outs = KVCache(m.cfg), []
+    for c in range(2):
+        outs.append(student_chunk(m, cache, src[:, c:c + 1], cs[:, c:c + 1], ct[:, c:c + 1], torch.tensor([c]),
+                                  steps, noise[c], exit_step))
+    # per chunk: source write, exit_step + 1 denoising passes, the clean write; one keeps gradients
+    assert len(calls) == 2 * (exit_step + 3)
+    assert [c[0] for c in calls] == ([False] * (exit_step + 1) + [True, False]) * 2
+    assert not any(wr for grad, wr in calls if grad)                # passes that write have no gradient
+    assert all(not k.requires_grad for k in cache.k + cache.v)
+    outs[1].sum().backward()
+    assert noise[0].grad is None                                   # nothing crosses chunks
+    gn = noise[1].grad.flatten(1).norm(dim=1)
+    assert gn[exit_step] > 0 and (gn[:exit_step] == 0).all()       # earlier steps carry no gradient
+    m.forward_frames = inner
+    # rollout(): same exit step for every chunk, the output keeps a graph to the weights
+    x = rollout(m, src, cs, ct, steps, 1, torch.Generator().manual_seed(0))
+    x.square().mean().backward()
+    assert x.shape == src.shape and m.out.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("chunk,window,src_sees_tgt", [(1, 0, False), (2, 2, False), (1, 2, True)])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_cached_few_step_sampler_equals_full_masked_forwards(chunk, window, src_sees_tgt, steps):
+    cfg = replace(TINY, chunk=chunk, window=window, src_sees_tgt=src_sees_tgt)
+    m = random_model(cfg)
+    B, T = 2, 5
+    src, _, cs, ct, _ = inputs(B, T, cfg)
+    got = student_sample(m, src, cs, ct, steps, generator=torch.Generator().manual_seed(3))
+    # reference: the same noise, each step a full block-causal forward over every pair so far
+    g, ts = torch.Generator().manual_seed(3), student_timesteps(steps, cfg.shift)
+    done = torch.zeros(B, 0, 3, 16, 16)
+    with torch.no_grad():
+        for c0 in range(0, T, chunk):
+            n = min(chunk, T - c0)
+            noise = torch.randn((steps, B, n, 3, 16, 16), generator=g)
+            x, end = noise[0], c0 + n
+            for j in range(steps):
+                t = torch.cat([torch.zeros(B, c0), torch.full((B, n), ts[j])], 1)
+                v = m(src[:, :end], torch.cat([done, x], 1), cs[:, :end], ct[:, :end], t, causal=True)[:, c0:]
+                x0 = x - ts[j] * v
+                x = (1 - ts[j + 1]) * x0 + ts[j + 1] * noise[j + 1] if j < steps - 1 else x
+            done = torch.cat([done, x0], 1)
+    ref = decode_target(done, src, cfg)
+    assert (got - ref).norm() / ref.norm() < 1e-5
+
+# -----------------------------------------------------------------------------
+
+
+def test_distill_stages_end_to_end(script, tmp_path):
+    teacher = random_model(TINY)
+    tpath = str(tmp_path / "teacher.pt")
+    save_checkpoint(tpath, model=teacher.state_dict(), ema=teacher.state_dict(), config=asdict(TINY), step=0)
+    out = str(tmp_path / "student")
+    common = ["--teacher", tpath, "--out", out, "--pairs", 2, "--max_pairs", 2, "--eval_every", 2, "--save_every", 100]
+    r = script("distill.py", "--stage", "causal", "--causal_steps", 2, *common)
+    assert "eval causal 2" in r.stdout + r.stderr
+    r = script("distill.py", "--stage", "dmd", "--init", os.path.join(out, "causal.pt"), "--dmd_steps", 2,
+               "--critic_steps", 1, *common)
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "causal 1/2" in log and "dmd 1/2" in log and "|g|" in log and "critic" in log
+    r = script("eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--clips", 1, "--frames", 3, "--families", "orbit,pan")
+    runs = json.load(open(os.path.join(out, "eval.json")))["runs"]
+    assert [r["steps"] for r in runs] == [1, 2, 4] and all(r["sampler"] == "student" for r in runs)
+    # the teacher flag refuses a student checkpoint
+    r = script("distill.py", "--teacher", os.path.join(out, "ckpt.pt"), "--out", out, ok=False)
+    assert r.returncode != 0 and "student checkpoint" in r.stderr and "Traceback" not in r.stderr
