@@ -440,6 +440,8 @@ def read_video(path, size=None, max_frames=None):
 
 def video_fps(path):
     import av
+    if not os.path.isfile(path):
+        raise VideoError(f"video not found: {path}")
     try:
         with av.open(path) as c:
             rate = c.streams.video[0].average_rate
