@@ -101,6 +101,39 @@ def synthetic_source(n, size, seed=2 ** 31 + 123):
         yield rgb[0]
 
 
+@torch.no_grad()
+def stream_frames(model, frames, rel_path, zoom_path, steps, controls, seed=0, device="cpu"):
+    """The streaming loop: gather a chunk of source frames as they arrive, take the camera
+    commands, generate the chunk with the student's KV cache, hand the frames out.
+    Yields (source (3, S, S), generated (3, S, S), relative pose (4, 4), seconds a frame)."""
+    cfg, S = model.cfg, model.cfg.size
+    cache, gen = KVCache(cfg), torch.Generator(device=device).manual_seed(seed)
+    K, n, frames = torch.tensor([1.0, 1.0, 0.5, 0.5], device=device), 0, iter(frames)
+    while not controls.quit:
+        chunk = [f for _, f in zip(range(cfg.chunk), frames)]
+        if not chunk:
+            return
+        t0 = time.perf_counter()
+        controls.apply(n)
+        m = len(chunk)
+        src = torch.stack(chunk)[None].to(device)                            # (1, m, 3, S, S)
+        idx = torch.arange(n, n + m).clamp(max=len(rel_path) - 1)
+        off, zoff = controls.pose()
+        rel = rel_path[idx] @ off                                              # the path, then the user's offset
+        Kt = K.expand(m, 4).clone()
+        Kt[:, :2] *= (zoom_path[idx] * zoff)[:, None].to(device)
+        cam_src, cam_tgt = data.pair_rays(rel[None].to(device), K.expand(1, m, 4), Kt[None], S, S)
+        noise = torch.randn((steps, 1, m, 3, S, S), generator=gen, device=device)   # as model.student_sample
+        x0 = student_chunk(model, cache, src, cam_src, cam_tgt, torch.arange(n, n + m, device=device), steps, noise)
+        out = decode_target(x0, src, cfg)[0].cpu()
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / m
+        for i in range(m):
+            yield src[0, i].cpu(), out[i], rel[i], dt
+        n += m
+
+
 def main():
     p = argparse.ArgumentParser(description="Stream a video through the RealCam-min student with camera control.")
     p.add_argument("--video", type=str, default=None, help="input video (default: a built-in synthetic scene)")
@@ -149,49 +182,18 @@ def main():
     else:
         fps, frames = data.FPS, synthetic_source(args.max_frames or 48, S)
     controls = Controls(args.interactive)
-    K = torch.tensor([1.0, 1.0, 0.5, 0.5], device=dev)
     print(f"streaming {args.video or 'a synthetic scene'} at {fps:.1f} fps through {args.ckpt} "
           f"({S}x{S}, chunk {cfg.chunk}, window {cfg.window or 'all'}, {steps} steps), trajectory {args.traj}"
           + (" + interactive" if args.interactive else ""))
 
-    cache, gen = KVCache(cfg), torch.Generator(device=dev).manual_seed(args.seed)
     latencies, poses, n = [], [], 0
     writer = data.VideoWriter(args.out, fps, upscale=max(1, 128 // S))
     try:
-        with torch.no_grad():
-            done = False
-            while not done and not controls.quit:
-                # gather one chunk of source frames as they arrive
-                chunk = []
-                for f in frames:
-                    chunk.append(f)
-                    if len(chunk) == cfg.chunk:
-                        break
-                if not chunk:
-                    break
-                done = len(chunk) < cfg.chunk
-                t0 = time.perf_counter()
-                controls.apply(n)
-                m = len(chunk)
-                src = torch.stack(chunk)[None].to(dev)                           # (1, m, 3, S, S)
-                idx = torch.arange(n, n + m).clamp(max=len(rel_path) - 1)
-                off, zoff = controls.pose()
-                rel = rel_path[idx] @ off                                          # preset, then the user's offset
-                zoom = zoom_path[idx] * zoff
-                Kt = K.expand(m, 4).clone()
-                Kt[:, :2] *= zoom[:, None].to(dev)
-                cam_src, cam_tgt = data.pair_rays(rel[None].to(dev), K.expand(1, m, 4), Kt[None], S, S)
-                noise = torch.randn((steps, 1, m, 3, S, S), generator=gen, device=dev)
-                x0 = student_chunk(model, cache, src, cam_src, cam_tgt, torch.arange(n, n + m, device=dev), steps, noise)
-                out = decode_target(x0, src, cfg)[0].cpu()
-                if dev.startswith("cuda"):
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-                for i in range(m):
-                    writer.write(data.side_by_side(src[0, i:i + 1].cpu(), out[i:i + 1])[0])
-                    latencies.append(dt)
-                    poses.append(rel[i].tolist())
-                n += m
+        for src, out, rel, dt in stream_frames(model, frames, rel_path, zoom_path, steps, controls, args.seed, dev):
+            writer.write(data.side_by_side(src[None], out[None])[0])
+            latencies.append(dt)
+            poses.append(rel.tolist())
+            n += 1
     except KeyboardInterrupt:
         print("\ninterrupted: keeping the frames done so far")
     except data.VideoError as e:

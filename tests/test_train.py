@@ -1,9 +1,7 @@
 """Training: overfitting, exact resume, the scripts end to end on `tiny`, DDP on gloo."""
 import json
 import os
-import shutil
 
-import pytest
 import torch
 import torch.nn.functional as F
 
