@@ -104,3 +104,26 @@ def test_bad_input(script, student, tmp_path):
     assert "--steps must be between 1 and 4" in err("--steps", "9")
     r = script("stream.py", "--ckpt", student["teacher"], ok=False)
     assert "not a student checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_keeps_a_playable_video(student, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    out = str(tmp_path / "c.mp4")
+    proc = subprocess.Popen([sys.executable, "stream.py", "--ckpt", student["ckpt"], "--max_frames", "100000",
+                             "--out", out], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = str(tmp_path / "c_latency.json")
+    deadline = time.time() + 120
+    while time.time() < deadline:                       # wait until frames are being written
+        time.sleep(1)
+        if os.path.exists(out) and os.path.getsize(out) > 0:
+            time.sleep(2)
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "interrupted" in stdout, stderr
+    n = json.load(open(log))["frames"]
+    assert n > 0 and len(list(data.read_video(out))) == n
