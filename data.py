@@ -360,11 +360,14 @@ def source_path(n, gen):
     return base @ rel
 
 
-def render_clip(seed, n, H, W, rel=None, zoom=None, src_c2w=None, t0=0.0, ss=2, gen=None, fx=1.0):
-    """Render a synchronized (source, target) clip of n frames of scene `seed`.
-    Returns a dict: src, tgt (n, 3, H, W), rel (n, 4, 4), K_src, K_tgt (n, 4), depth_src, depth_tgt."""
+def render_clip(seed, n, H, W, rel=None, zoom=None, src_c2w=None, t0=0.0, ss=2, gen=None, fx=1.0, frozen=False):
+    """Render a synchronized (source, target) clip of n frames of scene `seed` (frozen: no
+    object moves). Returns a dict: src, tgt (n, 3, H, W), rel (n, 4, 4), K_src, K_tgt (n, 4),
+    depth_src, depth_tgt."""
     gen = gen if gen is not None else torch.Generator().manual_seed(int(seed) + 1)
     scene = make_scene(seed)
+    if frozen:
+        scene["amp"].zero_()
     src_c2w = src_c2w if src_c2w is not None else source_path(n, gen)
     if rel is None:
         rel, zoom = preset_path("static", n)

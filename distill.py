@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import data
 from eval import quick_psnr, save_sample_video, save_strip
+from loopaug import LoopSampler
 from model import (KVCache, add_noise, encode_target, load_checkpoint, sample_t, save_checkpoint, shift_t,
                    student_chunk, RealCamDiT, Config)
 
@@ -93,6 +94,7 @@ def main():
     p.add_argument("--steps", type=int, default=4, help="student denoising steps a chunk")
     # data and optimization
     p.add_argument("--data", type=str, default=None, help="on-disk multi-view dataset (default: synthetic)")
+    p.add_argument("--loopaug", type=float, default=0.0, help="share of DMD rollouts drawn from LoopAug loops (needs --data)")
     p.add_argument("--pairs", type=int, default=None, help="pairs a batch per process (default: 8 CPU, 32 CUDA)")
     p.add_argument("--max_pairs", type=int, default=6, help="rollout / clip lengths drawn from 1..max_pairs")
     p.add_argument("--causal_steps", type=int, default=None, help="causal-stage steps (default: per preset)")
@@ -136,11 +138,21 @@ def main():
     teacher = RealCamDiT(tcfg).to(dev).requires_grad_(False).eval()
     teacher.load_state_dict(tckpt["ema"])
     scfg = replace(tcfg, chunk=args.chunk, window=args.window, sink=args.sink)
-    dataset = data.MultiViewDataset(args.data, scfg.size) if args.data else None
+    try:
+        dataset = data.MultiViewDataset(args.data, scfg.size) if args.data else None
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    if args.loopaug > 0 and dataset is None:
+        raise SystemExit("error: --loopaug builds loops from a multi-view dataset: give --data DIR "
+                         "(python data.py --out DIR writes one)")
+    loops = LoopSampler(None, scfg.size, scenes=dataset.scenes) if args.loopaug > 0 else None
     os.makedirs(args.out, exist_ok=True)
 
-    def get_batch(step):
-        if dataset:
+    def get_batch(step, stage="causal"):
+        u = torch.rand(1, generator=torch.Generator().manual_seed(hash((args.seed, step, "loop?")) % 2 ** 31)).item()
+        if loops and stage == "dmd" and u < args.loopaug:
+            b = loops.batch(step, args.pairs, args.max_pairs, args.seed, rank)
+        elif dataset:
             b = dataset.batch(step, args.pairs, args.max_pairs, args.seed, rank)
         else:
             b = data.synthetic_batch(step, args.pairs, args.max_pairs, scfg.size, scfg.size, args.seed + 1, rank)
@@ -220,7 +232,7 @@ def main():
                 t0 = time.time()
                 g = torch.Generator().manual_seed(hash((args.seed, stage, step, rank)) % 2 ** 31)
                 gs = torch.Generator().manual_seed(hash((args.seed, stage, step)) % 2 ** 31)  # shared by ranks
-                src, tgt, cam_src, cam_tgt = get_batch(step)
+                src, tgt, cam_src, cam_tgt = get_batch(step, stage)
                 B, T = src.shape[:2]
                 msg = f"{stage} {step}/{max_steps} | T {T}"
                 if stage == "causal":

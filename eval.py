@@ -36,6 +36,51 @@ def heldout_batch(family, n_clips, T, size):
         clips.append(data.render_clip(seed, T, size, size, rel, zoom, gen=torch.Generator().manual_seed(seed)))
     return data.collate(clips)
 
+
+def out_and_back(rel, zoom):
+    """A path and its reverse: frames 0..L-1 then L-2..0."""
+    idx = list(range(len(rel))) + list(range(len(rel) - 2, -1, -1))
+    return rel[idx], zoom[idx]
+
+
+def loop_path(name, L):
+    """Closed target paths for the loop benchmark: 'orbit' (out 30 deg left and back, then out
+    right and back), 'pan' and 'dolly' (out and back). Returns rel, zoom and the (i, j) frame
+    pairs that share a pose (identity excluded: there the target is the source)."""
+    if name == "orbit":
+        (rl, zl), (rr, zr) = out_and_back(*data.preset_path("orbit_left", L)), out_and_back(*data.preset_path("orbit_right", L))
+        rel, zoom = torch.cat([rl, rr[1:]]), torch.cat([zl, zr[1:]])
+    else:
+        rel, zoom = out_and_back(*data.preset_path({"pan": "pan_left", "dolly": "dolly_in"}[name], L))
+    eye = torch.eye(4)
+    pairs = [(i, j) for i in range(len(rel)) for j in range(i + 1, len(rel))
+             if torch.allclose(rel[i], rel[j], atol=1e-6) and not torch.allclose(rel[i], eye, atol=1e-6)]
+    return rel, zoom, pairs
+
+
+def loop_batch(name, n_clips, L, size):
+    """Held-out loops: frozen scenes and a still source camera, so the truth on the way back is
+    exactly the truth on the way out."""
+    rel, zoom, pairs = loop_path(name, L)
+    clips = []
+    for j in range(n_clips):
+        seed = EVAL_SEED + 500_000 + 1000 * list(LOOPS).index(name) + j
+        g = torch.Generator().manual_seed(seed)
+        src_c2w = data.source_path(1, g).expand(len(rel), 4, 4)
+        clips.append(data.render_clip(seed, len(rel), size, size, rel, zoom, src_c2w=src_c2w, gen=g, frozen=True))
+    return data.collate(clips), pairs
+
+
+LOOPS = ("orbit", "pan", "dolly")
+
+
+def loop_metrics(x, y, pairs):
+    """Loop closure: PSNR between the generated frames at the same pose on the way out (i) and
+    back (j), and PSNR against the truth on the way back; both averaged over pairs and clips."""
+    i, j = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    return dict(closure=psnr(x[:, j], x[:, i]).mean().item(), return_psnr=psnr(x[:, j], y[:, j]).mean().item(),
+                out_psnr=psnr(x[:, i], y[:, i]).mean().item())
+
 # -----------------------------------------------------------------------------
 # metrics on (B, T, 3, H, W) videos in [-1, 1]
 
@@ -119,6 +164,8 @@ if __name__ == "__main__":
                    help="comma-separated sampling steps (default: 50 for a teacher, 1,2,4 for a student)")
     p.add_argument("--families", type=str, default=",".join(FAMILIES), help="comma-separated families")
     p.add_argument("--out", type=str, default=None, help="JSON output (default: eval.json next to the checkpoint)")
+    p.add_argument("--loops", type=int, default=0, help="also run the loop benchmark: clips a loop (0: skip)")
+    p.add_argument("--loop_length", type=int, default=13, help="frames of each outbound half of a loop")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     try:
@@ -158,10 +205,24 @@ if __name__ == "__main__":
             print(f"{name:10s} {r['psnr']:7.2f} {r['psnr_copy']:7.2f} {r['psnr'] - r['psnr_copy']:+6.2f} "
                   f"{r['ssim']:6.3f} {r['ssim_copy']:6.3f} {r['flicker']:8.2f} {r['flicker_copy']:6.2f} "
                   f"{r['ms_per_frame']:9.1f}")
+    loops = {}
+    if args.loops:
+        steps = steps_list[-1]
+        print(f"\nloop benchmark ({steps} steps, {args.loops} clips a loop, frozen scenes, still source)\n"
+              f"{'loop':8s} {'frames':>6s} {'closure':>8s} {'return':>7s} {'out':>7s} {'copy':>7s}")
+        for name in LOOPS:
+            b, pairs = loop_batch(name, args.loops, args.loop_length, S)
+            x = generate(model, b, steps, student, args.device)
+            r = loop_metrics(x, b["tgt"], pairs)
+            r["return_copy"] = loop_metrics(b["src"], b["tgt"], pairs)["return_psnr"]
+            loops[name] = dict(frames=b["src"].shape[1], steps=steps, **r)
+            print(f"{name:8s} {loops[name]['frames']:6d} {r['closure']:8.2f} {r['return_psnr']:7.2f} "
+                  f"{r['out_psnr']:7.2f} {r['return_copy']:7.2f}")
+        print("closure: PSNR between generated frames at the same pose out and back; return/out: PSNR vs truth")
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "eval.json")
     with open(out, "w") as f:
         json.dump(dict(ckpt=args.ckpt, step=ckpt.get("step"), clips=args.clips, frames=args.frames,
-                       device=args.device, runs=runs), f, indent=1)
+                       device=args.device, runs=runs, loops=loops), f, indent=1)
     png = out.replace(".json", ".png")
     save_strip(png, *[torch.cat(v, 1) for v in zip(*strip)])
     print(f"* mean over the moving families (static: the target is the source, copy is exact)\n"

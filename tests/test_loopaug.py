@@ -1,0 +1,107 @@
+"""LoopAug: loop sequences close, round-trip through disk, and run through the student and
+distill.py; the loop benchmark of eval.py."""
+import json
+import os
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import data
+import eval as E
+from loopaug import LoopSampler, camera_cycle, load_loop, palindrome, write_loop
+from model import PRESETS, save_checkpoint, student_sample
+from test_model import random_model
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mv")
+    for i in range(2):
+        frames, c2w, K = data.synth_multiview_scene(10 + i, n_cams=4, T=8, size=16)
+        data.write_scene(str(d / f"scene_{i:05d}"), frames, c2w, K)
+    return str(d)
+
+
+def test_palindrome_closes_and_mirrors():
+    clip = data.render_clip(3, 5, 16, 16, *data.preset_path("orbit_left", 5))
+    seq = palindrome(clip, laps=2)
+    n = seq["src"].shape[0]
+    assert n == 2 * (2 * 5 - 2) + 1
+    for k in ("src", "tgt", "rel", "K_tgt"):
+        assert torch.equal(seq[k][0], seq[k][-1])                           # ends where it starts
+        assert torch.equal(seq[k][3], seq[k][2 * 5 - 2 - 3])                # frame i == frame 2L-2-i
+    assert (0, n - 1) in seq["pairs"] and all(torch.equal(seq["tgt"][i], seq["tgt"][j]) for i, j in seq["pairs"])
+
+
+def test_camera_cycle_returns_to_the_first_camera(dataset):
+    scene = data.load_scene(os.path.join(dataset, "scene_00000"))
+    seq = camera_cycle(scene, 0, [2, 1, 3], f0=4, hold=2)
+    assert seq["src"].shape[0] == 8
+    assert torch.equal(seq["tgt"][0], seq["tgt"][-1]) and torch.allclose(seq["rel"][0], seq["rel"][-1])
+    assert torch.equal(seq["src"][0], seq["src"][5])                        # frozen time: one source instant
+    assert not torch.allclose(seq["rel"][0], seq["rel"][2])                 # it does visit other cameras
+    adv = camera_cycle(scene, 0, [2, 1], f0=0, advance=1)
+    assert torch.equal(adv["src"][1], scene["frames"][0, 1]) and torch.equal(adv["tgt"][-1], scene["frames"][2, 2])
+
+
+@pytest.mark.parametrize("kind", ["palindrome", "cycle"])
+def test_sampler_loops_close(dataset, kind):
+    s = LoopSampler(dataset, 16)
+    for T in (3, 6, 7):
+        seq = s.loop(torch.Generator().manual_seed(T), T, kind)
+        assert seq["src"].shape == (T, 3, 16, 16)
+        if kind == "palindrome":
+            assert torch.equal(seq["tgt"][0], seq["tgt"][-1]) and torch.allclose(seq["rel"][0], seq["rel"][-1])
+    b = s.batch(0, pairs=8, max_pairs=5)
+    assert b["src"].shape[1] >= 3 and b["rel"].shape[-2:] == (4, 4)
+
+
+def test_loop_dataset_round_trip_and_cli(script, dataset, tmp_path):
+    clip = data.render_clip(3, 4, 16, 16, *data.preset_path("pan_left", 4))
+    seq = palindrome(clip)
+    write_loop(str(tmp_path / "l"), seq)
+    back = load_loop(str(tmp_path / "l"))
+    assert torch.allclose(back["rel"], seq["rel"]) and back["pairs"] == seq["pairs"]
+    assert (back["tgt"] - seq["tgt"]).abs().mean() < 0.06
+    out = str(tmp_path / "loops")
+    r = script("loopaug.py", "--data", dataset, "--out", out, "--loops", 3, "--length", 4, "--size", 16)
+    assert "wrote 3 loops" in r.stdout and os.path.isfile(os.path.join(out, "preview.mp4"))
+    for i in range(3):
+        lp = load_loop(os.path.join(out, f"loop_{i:05d}"))
+        assert torch.allclose(lp["rel"][0], lp["rel"][-1], atol=1e-5)
+
+
+def test_loops_through_the_student_and_distill(script, dataset, tmp_path):
+    m = random_model(TINY)
+    b = LoopSampler(dataset, 16).batch(1, pairs=6, max_pairs=5)
+    cs, ct = data.pair_rays(b["rel"], b["K_src"], b["K_tgt"], 16, 16)
+    x = student_sample(m, b["src"], cs, ct, 2)
+    assert x.shape == b["tgt"].shape and torch.isfinite(x).all()
+    tpath = str(tmp_path / "teacher.pt")
+    save_checkpoint(tpath, model=m.state_dict(), ema=m.state_dict(), config=asdict(TINY), step=0)
+    out = str(tmp_path / "s")
+    r = script("distill.py", "--teacher", tpath, "--out", out, "--data", dataset, "--loopaug", 1.0,
+               "--causal_steps", 1, "--dmd_steps", 2, "--critic_steps", 1, "--pairs", 3, "--max_pairs", 3,
+               "--eval_every", 100)
+    assert "dmd 1/2" in open(os.path.join(out, "log.txt")).read()
+    r = script("distill.py", "--teacher", tpath, "--out", out, "--loopaug", 0.5, ok=False)
+    assert "--loopaug builds loops from a multi-view dataset" in r.stderr
+    # the loop benchmark on the student
+    r = script("eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--clips", 1, "--frames", 2, "--families", "pan",
+               "--steps", 1, "--loops", 1, "--loop_length", 4)
+    loops = json.load(open(os.path.join(out, "eval.json")))["loops"]
+    assert set(loops) == {"orbit", "pan", "dolly"} and loops["orbit"]["frames"] == 13
+
+
+def test_loop_metrics_on_known_answers():
+    b, pairs = E.loop_batch("pan", 1, 4, 16)
+    assert torch.allclose(b["tgt"][:, 1], b["tgt"][:, 5])                   # truth is periodic (frozen scene)
+    perfect = E.loop_metrics(b["tgt"], b["tgt"], pairs)
+    assert perfect["closure"] == 100.0 and perfect["return_psnr"] == 100.0
+    drift = b["tgt"].clone()
+    drift[:, 4:] += 0.1                                                    # the way back drifted
+    r = E.loop_metrics(drift, b["tgt"], pairs)
+    assert 20 < r["closure"] < 30 and r["out_psnr"] == 100.0
