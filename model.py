@@ -402,5 +402,10 @@ def load_model(path, device="cpu", weights="ema"):
     return model.to(device).eval(), ckpt
 
 
-def config_dict(cfg):
-    return asdict(cfg)
+def export(ckpt_path, out_path):
+    """A release file: the EMA weights in float16 with the config and step (no optimizer), e.g.
+    python -c "import model; model.export('runs/teacher/ckpt.pt', 'checkpoints/teacher_small.pt')"."""
+    ckpt = load_checkpoint(ckpt_path)
+    sd = ckpt.get("ema") or ckpt["model"]
+    keep = {k: ckpt[k] for k in ("config", "step", "student", "args") if k in ckpt}
+    save_checkpoint(out_path, model={k: v.half() for k, v in sd.items()}, **keep)

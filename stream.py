@@ -52,18 +52,16 @@ class Controls:
             threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
-        if sys.stdin.isatty():
+        if sys.stdin.isatty():             # a terminal: single keystrokes, no Enter needed
+            import atexit
             import termios
             import tty
             fd = sys.stdin.fileno()
-            old = termios.tcgetattr(fd)
+            atexit.register(termios.tcsetattr, fd, termios.TCSADRAIN, termios.tcgetattr(fd))
             tty.setcbreak(fd)
-            try:
-                while True:
-                    self.queue.put(sys.stdin.read(1))
-            finally:
-                termios.tcsetattr(fd, termios.TCSADRAIN, old)
-        for line in sys.stdin:
+            while True:
+                self.queue.put(sys.stdin.read(1))
+        for line in sys.stdin:             # a pipe: whitespace-separated keys
             for key in line.strip().split():
                 self.queue.put(key)
 
