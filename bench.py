@@ -27,7 +27,7 @@ p.add_argument("--preset", type=str, default="small", help="model preset when no
 p.add_argument("--ckpt", type=str, default=None, help="benchmark this checkpoint's model instead")
 p.add_argument("--frames", type=int, default=16, help="frames for the student/teacher comparison")
 p.add_argument("--long", type=int, default=2000, help="frame index for the long-stream measurement")
-p.add_argument("--window", type=int, default=8, help="rolling window (chunks) of the student")
+p.add_argument("--window", type=int, default=None, help="rolling window (chunks) of the student (default: the checkpoint's, else 4)")
 p.add_argument("--teacher_steps", type=int, default=50)
 p.add_argument("--out", type=str, default="bench.json")
 p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -40,7 +40,7 @@ if args.ckpt:
 else:
     torch.manual_seed(0)
     model = RealCamDiT(PRESETS[args.preset]).to(dev).eval()
-model.cfg = replace(model.cfg, window=args.window)
+model.cfg = replace(model.cfg, window=args.window if args.window is not None else (model.cfg.window if args.ckpt else 4))
 cfg, S = model.cfg, model.cfg.size
 dtype = torch.bfloat16 if cuda else torch.float32
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)

@@ -283,7 +283,7 @@ def intersect(scene, o, d, time):
     n_box = torch.stack([cyb * nb_local[:, 0] + syb * nb_local[:, 2], nb_local[:, 1],
                          -syb * nb_local[:, 0] + cyb * nb_local[:, 2]], -1)
     is_sph, is_box = idx < N_SPH, (idx >= N_SPH) & (idx < N_SPH + N_BOX)
-    normal = torch.where(is_sph[:, None], n_sph, torch.where(is_box[:, None], n_box, torch.tensor([0.0, 1.0, 0.0])))
+    normal = torch.where(is_sph[:, None], n_sph, torch.where(is_box[:, None], n_box, n_box.new_tensor([0.0, 1.0, 0.0])))
     local = torch.where(is_sph[:, None], p - c[ar, idx.clamp(0, N_SPH - 1)], torch.where(is_box[:, None], pb, p))
     return s, idx, normal, local, p
 
@@ -398,6 +398,13 @@ def sample_clip(seed, n, H, W, ss=2):
                        t0=start / FPS, fx=fx)
 
 
+def rng(*ints):
+    """A torch.Generator seeded by a tuple of integers, the same in every process (Python salts
+    the hash of strings per process, so tags are integers: resumed and DDP runs must agree)."""
+    assert all(isinstance(i, int) for i in ints), f"rng() takes integers, got {ints}"
+    return torch.Generator().manual_seed(hash(ints) % 2 ** 31)
+
+
 def collate(clips):
     return {k: torch.stack([c[k] for c in clips]) for k in ("src", "tgt", "rel", "K_src", "K_tgt")}
 
@@ -406,7 +413,7 @@ def synthetic_batch(step, pairs, max_pairs, H, W, seed=0, rank=0):
     """The batch of training step `step`: a pure function of (seed, step, rank), so resumed runs
     see exactly the data an uninterrupted run would. T pairs a clip (1..max_pairs) and
     pairs // T clips, so every step carries about the same number of tokens."""
-    g = torch.Generator().manual_seed(hash((seed, step, rank)) % 2 ** 31)
+    g = rng(seed, step, rank)
     T = int(torch.randint(1, max_pairs + 1, (1,), generator=g))
     B = max(1, pairs // T)
     seeds = torch.randint(0, 2 ** 31 - 1, (B,), generator=g).tolist()   # training scenes < 2**31
@@ -592,7 +599,7 @@ def list_scenes(root):
 
 class MultiViewDataset:
     """Training pairs from an on-disk multi-view dataset: pick a scene, a source camera, a
-    different target camera and a window of T frames; the pose of the target is expressed
+    target camera (the source's own one time in C: the identity path) and a window of T frames; the pose of the target is expressed
     relative to the source camera frame by frame. Scenes are decoded once and kept in memory."""
 
     def __init__(self, root, size):
@@ -612,7 +619,7 @@ class MultiViewDataset:
                     K_src=sc["K"][a].expand(T, 4), K_tgt=sc["K"][b].expand(T, 4))
 
     def batch(self, step, pairs, max_pairs, seed=0, rank=0):
-        g = torch.Generator().manual_seed(hash((seed, step, rank)) % 2 ** 31)
+        g = rng(seed, step, rank)
         T = int(torch.randint(1, max_pairs + 1, (1,), generator=g))
         return collate([self.clip(g, T) for _ in range(max(1, pairs // T))])
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import data
 from eval import quick_psnr, save_sample_video, save_strip
 from loopaug import LoopSampler
-from model import (KVCache, add_noise, encode_target, load_checkpoint, sample_t, save_checkpoint, shift_t,
+from model import (KVCache, StopFlag, add_noise, encode_target, load_checkpoint, sample_t, save_checkpoint, shift_t,
                    student_chunk, RealCamDiT, Config)
 
 # -----------------------------------------------------------------------------
@@ -89,7 +89,8 @@ def main():
     p.add_argument("--resume", action="store_true", help="continue the stage from OUT/<stage>.pt")
     # student
     p.add_argument("--chunk", type=int, default=1, help="pairs a chunk (1: frame by frame)")
-    p.add_argument("--window", type=int, default=8, help="chunks attended, current included (0: all)")
+    p.add_argument("--window", type=int, default=4, help="chunks attended, current included (0: all); below "
+                   "--max_pairs, so training rollouts run past the rolling window as streams do")
     p.add_argument("--sink", type=int, default=0, help="first chunks always attended")
     p.add_argument("--steps", type=int, default=4, help="student denoising steps a chunk")
     # data and optimization
@@ -136,7 +137,8 @@ def main():
     args.causal_steps = args.causal_steps if args.causal_steps is not None else {"tiny": 50, "small": 600, "base": 3000}[preset]
     args.dmd_steps = args.dmd_steps if args.dmd_steps is not None else {"tiny": 50, "small": 400, "base": 3000}[preset]
     teacher = RealCamDiT(tcfg).to(dev).requires_grad_(False).eval()
-    teacher.load_state_dict(tckpt["ema"])
+    tweights = tckpt.get("ema") or tckpt["model"]     # a training checkpoint or a release file
+    teacher.load_state_dict(tweights)
     scfg = replace(tcfg, chunk=args.chunk, window=args.window, sink=args.sink)
     try:
         dataset = data.MultiViewDataset(args.data, scfg.size) if args.data else None
@@ -149,7 +151,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
 
     def get_batch(step, stage="causal"):
-        u = torch.rand(1, generator=torch.Generator().manual_seed(hash((args.seed, step, "loop?")) % 2 ** 31)).item()
+        u = torch.rand(1, generator=data.rng(args.seed, step, 3)).item()     # tag 3: loop or not
         if loops and stage == "dmd" and u < args.loopaug:
             b = loops.batch(step, args.pairs, args.max_pairs, args.seed, rank)
         elif dataset:
@@ -172,6 +174,7 @@ def main():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - d)
 
+    interrupt = StopFlag()
     stages = ["causal", "dmd"] if args.stage == "all" else [args.stage]
     for stage in stages:
         path, max_steps = os.path.join(args.out, f"{stage}.pt"), getattr(args, f"{stage}_steps")
@@ -186,7 +189,7 @@ def main():
                 print(f"{stage}: already done ({path}, step {ck['step']})")
             continue
         student = RealCamDiT(scfg).to(dev)
-        student.load_state_dict(ck["ema"] if not resume else ck["model"])    # the teacher's EMA as a start
+        student.load_state_dict(ck["model"] if resume else (ck.get("ema") or ck["model"]))   # start: the EMA
         ema = copy.deepcopy(student).requires_grad_(False).eval()
         if resume:
             ema.load_state_dict(ck["ema"])
@@ -194,7 +197,7 @@ def main():
         critic = opt_c = None
         if stage == "dmd":       # the fake score: a bidirectional copy of the teacher, trained online
             critic = RealCamDiT(tcfg).to(dev)
-            critic.load_state_dict(ck["critic"] if resume else tckpt["ema"])
+            critic.load_state_dict(ck["critic"] if resume else tweights)
             opt_c = torch.optim.AdamW(critic.parameters(), lr=args.lr_critic, betas=(0.0, 0.99), weight_decay=0.0)
         start = 0
         if resume:
@@ -203,6 +206,8 @@ def main():
                 opt_c.load_state_dict(ck["optim_critic"])
             start = ck["step"]
             torch.set_rng_state(ck["rng"]["cpu"])
+            if cuda and "cuda" in ck["rng"]:
+                torch.cuda.set_rng_state(ck["rng"]["cuda"])
 
         def save(step):
             if not master:
@@ -210,15 +215,20 @@ def main():
             extra = dict(critic=critic.state_dict(), optim_critic=opt_c.state_dict()) if critic is not None else {}
             save_checkpoint(path, model=student.state_dict(), ema=ema.state_dict(), optim=opt.state_dict(), step=step,
                             config=asdict(scfg), student=dict(steps=args.steps, stage=stage), teacher=args.teacher,
-                            args=vars(args), rng={"cpu": torch.get_rng_state()}, **extra)
+                            args=vars(args), **extra,
+                            rng={"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})})
 
         if master:
             print(f"{stage}: {start}..{max_steps} steps from {path if resume else init}, chunk {scfg.chunk}, "
                   f"window {scfg.window}, {args.steps} steps a chunk, {args.pairs} pairs x {world} a step")
         bar = tqdm(range(start, max_steps + 1), disable=not master, dynamic_ncols=True, mininterval=5)
-        done = start
         try:
             for step in bar:
+                if interrupt.stop(ddp, dev):
+                    if master:
+                        print(f"interrupted after {step} steps of {stage}: saving {path} (continue with --resume)")
+                        save(step)
+                    raise SystemExit(130)
                 last = step == max_steps
                 if master and (step % args.eval_every == 0 or last) and step > start:
                     res, (s, x, y) = quick_psnr(ema, args.steps, student=True, device=dev)
@@ -230,8 +240,9 @@ def main():
                 if last:
                     break
                 t0 = time.time()
-                g = torch.Generator().manual_seed(hash((args.seed, stage, step, rank)) % 2 ** 31)
-                gs = torch.Generator().manual_seed(hash((args.seed, stage, step)) % 2 ** 31)  # shared by ranks
+                tag = {"causal": 4, "dmd": 5}[stage]
+                g = data.rng(args.seed, tag, step, rank)
+                gs = data.rng(args.seed, tag, step)                 # shared by ranks
                 src, tgt, cam_src, cam_tgt = get_batch(step, stage)
                 B, T = src.shape[:2]
                 msg = f"{stage} {step}/{max_steps} | T {T}"
@@ -251,11 +262,13 @@ def main():
                     opt.step()
                     msg += f" | loss {loss.item():.4f} | gnorm {gn.item():.2f}"
                 else:
-                    # critic: flow matching on fresh student samples (detached), critic_steps times
+                    # critic: flow matching on fresh student samples (detached), critic_steps times, drawn
+                    # as the generator's are (random exit step), so it scores the distribution DMD moves
                     loss_c = torch.zeros(())
                     for _ in range(args.critic_steps):
+                        exit_c = int(torch.randint(args.steps, (1,), generator=gs))
                         with torch.no_grad(), autocast:
-                            xf = rollout(student, src, cam_src, cam_tgt, args.steps, None, g).float()
+                            xf = rollout(student, src, cam_src, cam_tgt, args.steps, exit_c, g).float()
                         tc = sample_t((B, 1), scfg.shift, g).expand(B, T).to(dev)
                         e = torch.randn(xf.shape, generator=g).to(dev)
                         with autocast:
@@ -285,17 +298,13 @@ def main():
                     msg += (f" | loss {loss.item():.3e} | critic {loss_c.item():.4f} | |g| {gnorm_g.mean().item():.2f}"
                             f" | gnorm {gn.item():.2f} | exit {exit_step}")
                 ema_update(ema, student, step)
-                done = step + 1
                 if master:
                     msg += f" | {1000 * (time.time() - t0):.0f} ms"
                     with open(os.path.join(args.out, "log.txt"), "a") as f:
                         f.write(msg + "\n")
                     if step % 25 == 0 or step < start + 3:
                         bar.write(msg)
-        except KeyboardInterrupt:
-            if master:
-                print(f"interrupted after {done} steps of {stage}: saving {path} (continue with --resume)")
-                save(done)
+        except KeyboardInterrupt:     # a second Ctrl-C: the last periodic checkpoint stands
             raise SystemExit(130)
     if master:
         final = os.path.join(args.out, f"{stages[-1]}.pt")

@@ -84,7 +84,7 @@ class LoopSampler:
         return {k: v[idx] for k, v in seq.items() if torch.is_tensor(v)}
 
     def batch(self, step, pairs, max_pairs, seed=0, rank=0):
-        g = torch.Generator().manual_seed(hash((seed, step, rank, "loop")) % 2 ** 31)
+        g = data.rng(seed, step, rank, 2)    # tag 2: loops
         T = int(torch.randint(3, max(3, max_pairs) + 1, (1,), generator=g))
         return data.collate([self.loop(g, T) for _ in range(max(1, pairs // T))])
 

@@ -14,6 +14,7 @@ clip's length. The same weights run
 """
 import math
 import os
+import signal
 from dataclasses import asdict, dataclass
 
 import torch
@@ -270,6 +271,7 @@ class RealCamDiT(nn.Module):
         t (B, T) noise level of each target (sources are always clean, t = 0).
         Returns v for the targets (B, T, 3, H, W)."""
         B, T = src.shape[:2]
+        assert not causal or time0 % self.cfg.chunk == 0, "a causal forward starts on a chunk boundary"
         x = torch.stack([src, xt], 2).flatten(1, 2)                               # (B, 2T, 3, H, W)
         cam = torch.stack([cam_src, cam_tgt], 2).flatten(1, 2)
         tt = torch.stack([torch.zeros_like(t), t], 2).flatten(1, 2)               # (B, 2T)
@@ -380,6 +382,28 @@ def save_checkpoint(path, **state):
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+class StopFlag:
+    """Ctrl-C (SIGINT) during training only raises a flag, which the loop reads between steps,
+    so the checkpoint it then saves never holds a half-applied step. A second Ctrl-C stops at once.
+    Under DDP, `stop()` all-reduces the flag so every rank stops at the same step."""
+    def __init__(self):
+        self.hit = False
+        signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, *_):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def stop(self, ddp=False, device="cpu"):
+        if not ddp:
+            return self.hit
+        import torch.distributed as dist
+        f = torch.tensor([float(self.hit)], device=device)
+        dist.all_reduce(f, op=dist.ReduceOp.MAX)
+        return bool(f.item())
 
 
 def load_checkpoint(path, map_location="cpu"):

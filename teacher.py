@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import data
 from eval import quick_psnr, save_sample_video, save_strip
-from model import (PRESETS, Config, RealCamDiT, add_noise, encode_target, flops_per_forward, load_checkpoint,
+from model import (PRESETS, Config, RealCamDiT, StopFlag, add_noise, encode_target, flops_per_forward, load_checkpoint,
                    num_params, sample_t, save_checkpoint)
 
 DEFAULT_STEPS = {"tiny": 300, "small": 8000, "base": 100_000}
@@ -134,10 +134,16 @@ def save(step):
 
 
 # -----------------------------------------------------------------------------
-t_start, done = time.time(), start   # done: optimizer steps applied so far
+t_start = time.time()
 bar = tqdm(range(start, args.max_steps + 1), disable=not master, dynamic_ncols=True, mininterval=5)
+interrupt = StopFlag()
 try:
     for step in bar:
+        if interrupt.stop(ddp, args.device):
+            if master:
+                print(f"interrupted after {step} steps: saving {ckpt_path} (continue with --resume)")
+                save(step)
+            raise SystemExit(130)
         last = step == args.max_steps
         # periodic held-out evaluation of the EMA weights (PSNR vs ground truth and copy-the-source)
         if master and (step % args.eval_every == 0 or last) and step > start:
@@ -159,7 +165,7 @@ try:
         t0 = time.time()
         src, tgt, cam_src, cam_tgt = get_batch(step)
         B, T = src.shape[:2]
-        g = torch.Generator().manual_seed(hash((args.seed, step, rank, 1)) % 2 ** 31)
+        g = data.rng(args.seed, step, rank, 1)
         x0 = encode_target(tgt, src, cfg)
         e = torch.randn(x0.shape, generator=g).to(args.device)
         t = sample_t((B, 1), cfg.shift, g).expand(B, T).to(args.device)     # one t a clip
@@ -176,7 +182,6 @@ try:
             decay = min(args.ema, (1 + step) / (10 + step))                   # short warm-up of the EMA
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
-        done = step + 1
         if cuda:
             torch.cuda.synchronize()
         dt = time.time() - t0
@@ -192,10 +197,7 @@ try:
                 f.write(msg + "\n")
             if step % 50 == 0 or step < start + 5:
                 bar.write(msg)
-except KeyboardInterrupt:
-    if master:
-        print(f"interrupted after {done} steps: saving {ckpt_path} (continue with --resume)")
-        save(done)
+except KeyboardInterrupt:     # a second Ctrl-C: the last periodic checkpoint stands
     raise SystemExit(130)
 if master:
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")

@@ -1,6 +1,9 @@
-"""Training: overfitting, exact resume, the scripts end to end on `tiny`, DDP on gloo."""
+"""Training: overfitting, exact resume, Ctrl-C, the scripts end to end on `tiny`, DDP on gloo."""
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +53,29 @@ def test_resume_continues_exactly(script, tmp_path):
         for k in ca[key]:
             assert torch.equal(ca[key][k], cb[key][k]), f"{key}.{k} differs"
     assert torch.equal(ca["optim"]["state"][0]["exp_avg"], cb["optim"]["state"][0]["exp_avg"])
+
+
+def test_ctrl_c_saves_a_whole_step(script, tmp_path):
+    """SIGINT mid-run: exit 130 and a checkpoint at a step boundary, equal to a run stopped there."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    args = ["--preset", "tiny", "--pairs", 4, "--max_pairs", 3, "--eval_every", 10 ** 6, "--save_every", 10 ** 6,
+            "--warmup", 2, "--max_steps", 10 ** 6]
+    cmd = [sys.executable, "-u", "teacher.py", "--out", b, *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:                       # steps 0..4 are logged: interrupt during the run
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "interrupted after" in out and "Traceback" not in out, out
+    k = load_checkpoint(os.path.join(b, "ckpt.pt"))["step"]
+    assert k >= 4
+    script("teacher.py", "--out", a, *args, "--stop_at", k)
+    ca, cb = load_checkpoint(os.path.join(a, "ckpt.pt")), load_checkpoint(os.path.join(b, "ckpt.pt"))
+    for key in ("model", "ema"):
+        for n in ca[key]:
+            assert torch.equal(ca[key][n], cb[key][n]), f"{key}.{n} differs"
 
 
 def test_teacher_eval_data_end_to_end(script, tmp_path):
