@@ -1,9 +1,9 @@
 """
 Speed benchmark: one run, one table (and JSON), one machine, one model size.
 
-    python bench.py                        # small preset, random weights (speed does not depend on them)
+    python bench.py                                  # the shipped student (checkpoints/student_small.pt)
     python bench.py --ckpt runs/student/ckpt.pt --long 2000
-    python bench.py --preset base --device cuda --compile 1
+    python bench.py --ckpt '' --preset base --device cuda --compile 1   # random weights: speed does not depend on them
 
 Measures: the student streaming frame by frame (KV cache, rolling window) at 1, 2 and 4 steps;
 the bidirectional teacher producing the same frames with 50 Euler steps; per-frame time near
@@ -23,8 +23,9 @@ from model import (PRESETS, KVCache, RealCamDiT, add_noise, flops_per_forward, l
                    teacher_sample)
 
 p = argparse.ArgumentParser(description="RealCam-min speed benchmark.")
-p.add_argument("--preset", type=str, default="small", help="model preset when no --ckpt")
-p.add_argument("--ckpt", type=str, default=None, help="benchmark this checkpoint's model instead")
+p.add_argument("--preset", type=str, default="small", help="model preset (random weights) when --ckpt ''")
+p.add_argument("--ckpt", type=str, default="checkpoints/student_small.pt",
+               help="benchmark this checkpoint's model (default: the shipped student; '' for --preset)")
 p.add_argument("--frames", type=int, default=16, help="frames for the student/teacher comparison")
 p.add_argument("--long", type=int, default=2000, help="frame index for the long-stream measurement")
 p.add_argument("--window", type=int, default=None, help="rolling window (chunks) of the student (default: the checkpoint's, else 4)")
@@ -36,7 +37,10 @@ args = p.parse_args()
 
 dev, cuda = args.device, args.device.startswith("cuda")
 if args.ckpt:
-    model, _ = load_model(args.ckpt, dev)
+    try:
+        model, _ = load_model(args.ckpt, dev)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e} (or benchmark random weights of a preset: --ckpt '' --preset small)")
 else:
     torch.manual_seed(0)
     model = RealCamDiT(PRESETS[args.preset]).to(dev).eval()

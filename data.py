@@ -638,22 +638,81 @@ def synth_multiview_scene(seed, n_cams, T, size, ss=2):
 
 # -----------------------------------------------------------------------------
 
+# -----------------------------------------------------------------------------
+# MultiCamVideo (synchronized rendered cameras a scene) -> the on-disk format
+
+def multicam_c2w(matrix):
+    """One MultiCamVideo extrinsic ("[a b c d] [e f g h] ..." or nested lists; Unreal Engine:
+    row-vector convention, x forward, y right, z up, centimetres) -> OpenCV camera-to-world 4x4
+    (x right, y down, z forward) in metres."""
+    if isinstance(matrix, str):
+        matrix = [[float(v) for v in row.split()] for row in matrix.replace("[", " ").split("]") if row.strip()]
+    m = torch.tensor(matrix, dtype=torch.float32).reshape(4, 4).T     # column-vector convention
+    c2w = m[:, [1, 2, 0, 3]].clone()                                   # camera axes: right, up, forward
+    c2w[:3, 1] *= -1                                                   # up -> down
+    c2w[:3, 3] /= 100                                                  # cm -> m
+    return c2w
+
+
+def convert_multicam(scene_dir, out_dir, fx, size=64, every=1, max_frames=None):
+    """One MultiCamVideo scene (videos/camNN.mp4 and cameras/camera_extrinsics.json,
+    {"frame0": {"cam01": matrix, ...}, ...}) into the on-disk format: centre-cropped square
+    frames of `size`, every `every`-th frame, intrinsics (fx, fx, 0.5, 0.5) with fx the focal
+    length over the side of the square crop."""
+    meta_path = os.path.join(scene_dir, "cameras", "camera_extrinsics.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"missing camera file: {meta_path}")
+    with open(meta_path) as f:
+        ext = json.load(f)
+    names = sorted(ext["frame0"])
+    n = len([k for k in ext if k.startswith("frame")])
+    idx = list(range(0, n, every))[:max_frames]
+    frames, c2ws = [], []
+    for name in names:
+        video = list(read_video(os.path.join(scene_dir, "videos", name + ".mp4"), size, max_frames=n))
+        if len(video) != n:
+            raise ValueError(f"frame count mismatch: {scene_dir}/videos/{name}.mp4 has {len(video)} frames, "
+                             f"{meta_path} has {n}")
+        frames.append(torch.stack([video[i] for i in idx]))
+        c2ws.append(torch.stack([multicam_c2w(ext[f"frame{i}"][name]) for i in idx]))
+    K = torch.tensor([fx, fx, 0.5, 0.5]).repeat(len(names), 1)
+    write_scene(out_dir, torch.stack(frames), torch.stack(c2ws), K)
+
+
 if __name__ == "__main__":
     from tqdm import tqdm
-    p = argparse.ArgumentParser(description="Write a synthetic multi-view dataset in the on-disk format.")
+    p = argparse.ArgumentParser(description="Write a synthetic multi-view dataset in the on-disk format, "
+                                "or convert MultiCamVideo scenes (--multicam) into it.")
     p.add_argument("--out", type=str, default="data/synth", help="output folder")
     p.add_argument("--scenes", type=int, default=8, help="number of scenes")
     p.add_argument("--cams", type=int, default=4, help="synchronized cameras a scene")
     p.add_argument("--frames", type=int, default=24, help="frames a camera")
     p.add_argument("--size", type=int, default=32, help="frame size in pixels (square)")
     p.add_argument("--seed", type=int, default=0, help="first scene seed")
+    p.add_argument("--multicam", type=str, default=None, help="convert the MultiCamVideo scenes under this folder")
+    p.add_argument("--fx", type=float, default=None, help="--multicam: focal length / side of the square crop")
+    p.add_argument("--every", type=int, default=1, help="--multicam: keep every n-th frame")
     args = p.parse_args()
-    preview = []
-    for i in tqdm(range(args.scenes), desc="scenes"):
-        frames, c2w, K = synth_multiview_scene(args.seed + i, args.cams, args.frames, args.size)
-        write_scene(os.path.join(args.out, f"scene_{i:05d}"), frames, c2w, K)
-        if i < 4:
-            preview.append(torch.cat(list(frames), -1))                 # cameras side by side
-    write_video(os.path.join(args.out, "preview.mp4"), torch.cat(preview, -2), FPS, upscale=4)
-    print(f"wrote {args.scenes} scenes x {args.cams} cameras x {args.frames} frames to {args.out} "
-          f"(preview: {os.path.join(args.out, 'preview.mp4')})")
+    if args.multicam:
+        if args.fx is None:
+            raise SystemExit("error: --multicam needs --fx (focal length over the side of the square crop)")
+        found = sorted(os.path.dirname(root) for root, _, files in os.walk(args.multicam)
+                       if "camera_extrinsics.json" in files)
+        if not found:
+            raise SystemExit(f"error: no cameras/camera_extrinsics.json under {args.multicam}")
+        for i, sc in enumerate(tqdm(found, desc="scenes")):
+            try:
+                convert_multicam(sc, os.path.join(args.out, f"scene_{i:05d}"), args.fx, args.size, args.every)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"error: {e}")
+        print(f"converted {len(found)} scenes to {args.out}")
+    else:
+        preview = []
+        for i in tqdm(range(args.scenes), desc="scenes"):
+            frames, c2w, K = synth_multiview_scene(args.seed + i, args.cams, args.frames, args.size)
+            write_scene(os.path.join(args.out, f"scene_{i:05d}"), frames, c2w, K)
+            if i < 4:
+                preview.append(torch.cat(list(frames), -1))                 # cameras side by side
+        write_video(os.path.join(args.out, "preview.mp4"), torch.cat(preview, -2), FPS, upscale=4)
+        print(f"wrote {args.scenes} scenes x {args.cams} cameras x {args.frames} frames to {args.out} "
+              f"(preview: {os.path.join(args.out, 'preview.mp4')})")

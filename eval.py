@@ -157,7 +157,8 @@ def save_sample_video(path, src, gen, tgt, fps=4.0):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Evaluate a RealCam-min checkpoint on held-out scenes.")
-    p.add_argument("--ckpt", type=str, default="runs/teacher/ckpt.pt", help="checkpoint path (teacher or student)")
+    p.add_argument("--ckpt", type=str, default="checkpoints/student_small.pt",
+                   help="checkpoint path, teacher or student (default: the shipped student)")
     p.add_argument("--clips", type=int, default=6, help="held-out clips a family")
     p.add_argument("--frames", type=int, default=8, help="frames (pairs) a clip")
     p.add_argument("--steps", type=str, default=None,

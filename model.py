@@ -12,6 +12,7 @@ clip's length. The same weights run
   (optionally only the last cfg.window chunks plus cfg.sink first ones), which lets a KVCache
   stream the target chunk by chunk with exactly the outputs of the full masked forward.
 """
+import json
 import math
 import os
 import signal
@@ -426,10 +427,15 @@ def load_model(path, device="cpu", weights="ema"):
     return model.to(device).eval(), ckpt
 
 
-def export(ckpt_path, out_path):
-    """A release file: the EMA weights in float16 with the config and step (no optimizer), e.g.
-    python -c "import model; model.export('runs/teacher/ckpt.pt', 'checkpoints/teacher_small.pt')"."""
+def export(ckpt_path, out_path, **provenance):
+    """A release file: the EMA weights in float16 with the config and step (no optimizer), and
+    next to it out_path's .json with the provenance given (commands, wall time, hardware, eval)."""
     ckpt = load_checkpoint(ckpt_path)
     sd = ckpt.get("ema") or ckpt["model"]
     keep = {k: ckpt[k] for k in ("config", "step", "student", "args") if k in ckpt}
     save_checkpoint(out_path, model={k: v.half() for k, v in sd.items()}, **keep)
+    if provenance:
+        meta = dict(file=os.path.basename(out_path), source=ckpt_path, step=ckpt.get("step"), config=ckpt["config"],
+                    **({"student": ckpt["student"]} if "student" in ckpt else {}), **provenance)
+        with open(os.path.splitext(out_path)[0] + ".json", "w") as f:
+            json.dump(meta, f, indent=1)

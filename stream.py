@@ -137,7 +137,8 @@ def main():
     p.add_argument("--video", type=str, default=None, help="input video (default: a built-in synthetic scene)")
     p.add_argument("--traj", type=str, default="orbit", help=f"preset ({', '.join(data.PRESETS)}) or a JSON file")
     p.add_argument("--traj_frames", type=int, default=48, help="frames a preset takes to play out (then it holds)")
-    p.add_argument("--ckpt", type=str, default="runs/student/ckpt.pt", help="student checkpoint")
+    p.add_argument("--ckpt", type=str, default="checkpoints/student_small.pt",
+                   help="student checkpoint (default: the shipped one; distill.py writes runs/student/ckpt.pt)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps a chunk (1..trained; default: trained)")
     p.add_argument("--window", type=int, default=None, help="chunks in the rolling KV cache (default: as trained)")
     p.add_argument("--max_frames", type=int, default=None, help="stop after this many frames")

@@ -92,3 +92,39 @@ def test_on_disk_format_round_trip_and_errors(tmp_path):
         data.load_scene(d)
     with pytest.raises(FileNotFoundError, match="no scenes"):
         data.list_scenes(str(tmp_path / "scene"))
+
+
+def test_multicam_axes_known_answer():
+    """An Unreal camera with identity rotation looks along +x with y right and z up; in OpenCV
+    axes its right is world +y, its down world -z, its forward world +x; centimetres to metres."""
+    ue = "[1 0 0 0] [0 1 0 0] [0 0 1 0] [250 -100 30 1]"        # row-vector convention: translation last row
+    c2w = data.multicam_c2w(ue)
+    assert torch.allclose(c2w[:3, 0], torch.tensor([0.0, 1.0, 0.0]))
+    assert torch.allclose(c2w[:3, 1], torch.tensor([0.0, 0.0, -1.0]))
+    assert torch.allclose(c2w[:3, 2], torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.allclose(c2w[:3, 3], torch.tensor([2.5, -1.0, 0.3]))
+
+
+def test_multicam_conversion_round_trip(script, tmp_path):
+    """A MultiCamVideo-style scene made from the renderer converts back to its relative poses."""
+    frames, c2w, K = data.synth_multiview_scene(3, 3, 5, 24)
+    src = tmp_path / "mc" / "f24" / "scene1"
+    os.makedirs(src / "videos"), os.makedirs(src / "cameras")
+    ext = {}
+    for c in range(3):
+        data.write_video(str(src / "videos" / f"cam{c + 1:02d}.mp4"), frames[c], 8)
+        for i in range(5):
+            C = c2w[c, i]
+            M = torch.stack([C[:, 2], C[:, 0], -C[:, 1], torch.cat([C[:3, 3] * 100, C[3:, 3]])], 1).T  # OpenCV -> UE
+            ext.setdefault(f"frame{i}", {})[f"cam{c + 1:02d}"] = " ".join(
+                "[" + " ".join(f"{v:.6f}" for v in row) + "]" for row in M.tolist())
+    json.dump(ext, open(src / "cameras" / "camera_extrinsics.json", "w"))
+    out = tmp_path / "out"
+    r = script("data.py", "--multicam", tmp_path / "mc", "--out", out, "--fx", K[0, 0].item(), "--size", 16)
+    assert "converted 1 scenes" in r.stdout
+    sc = data.load_scene(str(out / "scene_00000"))
+    assert sc["frames"].shape == (3, 5, 3, 16, 16)
+    rel = data.relative_pose(sc["c2w"][0], sc["c2w"][2])
+    assert torch.allclose(rel, data.relative_pose(c2w[0], c2w[2]), atol=1e-4)
+    r = script("data.py", "--multicam", tmp_path / "out", "--out", out, "--fx", 1.0, ok=False)
+    assert "no cameras/camera_extrinsics.json" in r.stderr and "Traceback" not in r.stderr

@@ -1,10 +1,12 @@
 """The interleaved DiT: shapes, masks, KV-cached streaming against the full forward, samplers,
 checkpoints."""
+import json
 from dataclasses import replace
 
 import pytest
 import torch
 
+import model
 from model import (PRESETS, KVCache, RealCamDiT, add_noise, flops_per_forward, load_model, num_params,
                    sample_t, save_checkpoint, shift_t, teacher_sample, v_to_x0, visible)
 
@@ -170,3 +172,11 @@ def test_checkpoint_round_trip(tmp_path):
     src, xt, cs, ct, t = inputs(1, 2)
     assert torch.equal(m(src, xt, cs, ct, t), m2(src, xt, cs, ct, t)) and ckpt["step"] == 3
     assert num_params(m2) == num_params(m)
+    # a float16 release file: same outputs to float16 precision, provenance next to it
+    model.export(path, str(tmp_path / "release.pt"), commands=["python teacher.py"])
+    m3, rel = load_model(str(tmp_path / "release.pt"))
+    assert set(rel) == {"model", "config", "step"} and all(v.dtype == torch.float16 for v in rel["model"].values())
+    v, v3 = m(src, xt, cs, ct, t), m3(src, xt, cs, ct, t)
+    assert (v - v3).abs().max() < 1e-2 * v.abs().max()
+    meta = json.load(open(tmp_path / "release.json"))
+    assert meta["step"] == 3 and meta["commands"] == ["python teacher.py"]
