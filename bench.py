@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import (PRESETS, KVCache, RealCamDiT, add_noise, flops_per_forward, load_model, sample_t, student_chunk,
-                   teacher_sample)
+from model import (PRESETS, SHIPPED_STUDENT, KVCache, RealCamDiT, add_noise, flops_per_forward, load_model, sample_t,
+                   student_chunk, teacher_sample)
 
 p = argparse.ArgumentParser(description="RealCam-min speed benchmark.")
 p.add_argument("--preset", type=str, default="small", help="model preset (random weights) when --ckpt ''")
-p.add_argument("--ckpt", type=str, default="checkpoints/student_small.pt",
+p.add_argument("--ckpt", type=str, default=SHIPPED_STUDENT,
                help="benchmark this checkpoint's model (default: the shipped student; '' for --preset)")
 p.add_argument("--frames", type=int, default=16, help="frames for the student/teacher comparison")
 p.add_argument("--long", type=int, default=2000, help="frame index for the long-stream measurement")

@@ -599,8 +599,8 @@ def list_scenes(root):
 
 class MultiViewDataset:
     """Training pairs from an on-disk multi-view dataset: pick a scene, a source camera, a
-    target camera (the source's own one time in C: the identity path) and a window of T frames; the pose of the target is expressed
-    relative to the source camera frame by frame. Scenes are decoded once and kept in memory."""
+    target camera (the source's own one time in C: the identity path) and a window of T frames;
+    the pose of the target is expressed relative to the source camera frame by frame. Scenes are decoded once and kept in memory."""
 
     def __init__(self, root, size):
         self.scenes = [load_scene(d, size) for d in list_scenes(root)]
@@ -637,8 +637,6 @@ def synth_multiview_scene(seed, n_cams, T, size, ss=2):
     return torch.stack(frames), torch.stack(c2ws), torch.tensor([1.0, 1.0, 0.5, 0.5]).repeat(n_cams, 1)
 
 # -----------------------------------------------------------------------------
-
-# -----------------------------------------------------------------------------
 # MultiCamVideo (synchronized rendered cameras a scene) -> the on-disk format
 
 def multicam_c2w(matrix):
@@ -654,7 +652,7 @@ def multicam_c2w(matrix):
     return c2w
 
 
-def convert_multicam(scene_dir, out_dir, fx, size=64, every=1, max_frames=None):
+def convert_multicam(scene_dir, out_dir, fx, size=64, every=1):
     """One MultiCamVideo scene (videos/camNN.mp4 and cameras/camera_extrinsics.json,
     {"frame0": {"cam01": matrix, ...}, ...}) into the on-disk format: centre-cropped square
     frames of `size`, every `every`-th frame, intrinsics (fx, fx, 0.5, 0.5) with fx the focal
@@ -666,7 +664,7 @@ def convert_multicam(scene_dir, out_dir, fx, size=64, every=1, max_frames=None):
         ext = json.load(f)
     names = sorted(ext["frame0"])
     n = len([k for k in ext if k.startswith("frame")])
-    idx = list(range(0, n, every))[:max_frames]
+    idx = list(range(0, n, every))
     frames, c2ws = [], []
     for name in names:
         video = list(read_video(os.path.join(scene_dir, "videos", name + ".mp4"), size, max_frames=n))

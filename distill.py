@@ -199,7 +199,7 @@ def main():
             critic = RealCamDiT(tcfg).to(dev)
             critic.load_state_dict(ck["critic"] if resume else tweights)
             opt_c = torch.optim.AdamW(critic.parameters(), lr=args.lr_critic, betas=(0.0, 0.99), weight_decay=0.0)
-        start = 0
+        tag, start = {"causal": 4, "dmd": 5}[stage], 0       # the stage's RNG tag
         if resume:
             opt.load_state_dict(ck["optim"])
             if critic is not None:
@@ -240,7 +240,6 @@ def main():
                 if last:
                     break
                 t0 = time.time()
-                tag = {"causal": 4, "dmd": 5}[stage]
                 g = data.rng(args.seed, tag, step, rank)
                 gs = data.rng(args.seed, tag, step)                 # shared by ranks
                 src, tgt, cam_src, cam_tgt = get_batch(step, stage)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import load_model, student_sample, teacher_sample
+from model import SHIPPED_STUDENT, load_model, student_sample, teacher_sample
 
 EVAL_SEED = 2 ** 31 + 7_000_000  # held-out scenes; training draws seeds in [0, 2**31 - 1)
 FAMILIES = {
@@ -157,7 +157,7 @@ def save_sample_video(path, src, gen, tgt, fps=4.0):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Evaluate a RealCam-min checkpoint on held-out scenes.")
-    p.add_argument("--ckpt", type=str, default="checkpoints/student_small.pt",
+    p.add_argument("--ckpt", type=str, default=SHIPPED_STUDENT,
                    help="checkpoint path, teacher or student (default: the shipped student)")
     p.add_argument("--clips", type=int, default=6, help="held-out clips a family")
     p.add_argument("--frames", type=int, default=8, help="frames (pairs) a clip")

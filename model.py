@@ -16,7 +16,7 @@ import json
 import math
 import os
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -414,6 +414,9 @@ def load_checkpoint(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ValueError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+SHIPPED_STUDENT = "checkpoints/student_small.pt"   # the reference student in the repository
 
 
 def load_model(path, device="cpu", weights="ema"):

@@ -32,7 +32,7 @@ from dataclasses import replace
 import torch
 
 import data
-from model import KVCache, decode_target, load_model, student_chunk
+from model import SHIPPED_STUDENT, KVCache, decode_target, load_model, student_chunk
 
 KEYS = {  # key: (component, increment)
     "a": ("orbit", 5.0), "d": ("orbit", -5.0), "j": ("yaw", -5.0), "l": ("yaw", 5.0),
@@ -137,7 +137,7 @@ def main():
     p.add_argument("--video", type=str, default=None, help="input video (default: a built-in synthetic scene)")
     p.add_argument("--traj", type=str, default="orbit", help=f"preset ({', '.join(data.PRESETS)}) or a JSON file")
     p.add_argument("--traj_frames", type=int, default=48, help="frames a preset takes to play out (then it holds)")
-    p.add_argument("--ckpt", type=str, default="checkpoints/student_small.pt",
+    p.add_argument("--ckpt", type=str, default=SHIPPED_STUDENT,
                    help="student checkpoint (default: the shipped one; distill.py writes runs/student/ckpt.pt)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps a chunk (1..trained; default: trained)")
     p.add_argument("--window", type=int, default=None, help="chunks in the rolling KV cache (default: as trained)")

@@ -7,9 +7,9 @@ import torch
 
 from conftest import ROOT
 from eval import generate, heldout_batch, psnr
-from model import load_model
+from model import SHIPPED_STUDENT, load_model
 
-SHIPPED = os.path.join(ROOT, "checkpoints", "student_small.pt")
+SHIPPED = os.path.join(ROOT, SHIPPED_STUDENT)
 
 
 def test_shipped_student_beats_copying_the_source():

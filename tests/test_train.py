@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+from conftest import ROOT
 from model import PRESETS, RealCamDiT, add_noise, encode_target, load_checkpoint, load_model
 
 TINY = PRESETS["tiny"]
@@ -61,7 +62,7 @@ def test_ctrl_c_saves_a_whole_step(script, tmp_path):
     args = ["--preset", "tiny", "--pairs", 4, "--max_pairs", 3, "--eval_every", 10 ** 6, "--save_every", 10 ** 6,
             "--warmup", 2, "--max_steps", 10 ** 6]
     cmd = [sys.executable, "-u", "teacher.py", "--out", b, *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:                       # steps 0..4 are logged: interrupt during the run
         if line.startswith("step 3/"):
@@ -113,9 +114,6 @@ def test_scripts_fail_clearly(script, tmp_path):
 
 def test_ddp_two_cpu_processes(tmp_path):
     """teacher.py under torchrun with two processes on the gloo backend."""
-    import subprocess
-    import sys
-    from conftest import ROOT
     out = str(tmp_path / "ddp")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "teacher.py", "--preset", "tiny", "--out", out, "--pairs", "2", "--max_pairs", "2",
