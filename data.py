@@ -101,6 +101,56 @@ def plucker(c2w, K, H, W):
     return torch.cat([torch.cross(o, d, dim=-1), d], -1).movedim(-1, -3)
 
 
+def reproject(depth_tgt, rel, K_src, K_tgt):
+    """Where each target pixel's scene point lands in the source camera.
+    depth_tgt (..., H, W) z-depth (inf: sky, a point at infinity), rel (..., 4, 4) target pose in
+    the source frame, K_* (..., 4). Returns the normalized source image position (..., H, W, 2)
+    in [0, 1] when inside, the point's inverse z-depth in the source (..., H, W) (0 at infinity)
+    and whether it lies in front of the source camera (..., H, W)."""
+    H, W = depth_tgt.shape[-2:]
+    fx, fy, cx, cy = (k[..., None, None] for k in K_tgt.unbind(-1))
+    v, u = torch.meshgrid((torch.arange(H, device=depth_tgt.device) + 0.5) / H,
+                          (torch.arange(W, device=depth_tgt.device) + 0.5) / W, indexing="ij")
+    rho = 1 / depth_tgt                                                 # inverse depth, 0 for sky
+    X = torch.stack([(u - cx) / fx, (v - cy) / fy, torch.ones_like(depth_tgt), rho], -1)   # homogeneous point
+    Xs = torch.einsum("...ij,...hwj->...hwi", rel[..., :3, :], X)      # in the source frame, scaled by rho
+    front = Xs[..., 2] > 1e-6
+    z = Xs[..., 2].clamp(min=1e-6)
+    fs, fys, cxs, cys = (k[..., None, None] for k in K_src.unbind(-1))
+    uv = torch.stack([fs * Xs[..., 0] / z + cxs, fys * Xs[..., 1] / z + cys], -1)
+    return uv, rho / z, front
+
+
+def covisibility(depth_src, depth_tgt, rel, K_src, K_tgt, tol=0.03, far=100.0):
+    """Co-visible target pixels: their scene point (target depth lifted to 3D) projects inside
+    the source frame, in front of it, and is not occluded there (the source's depth at one of
+    the 4 pixels around it agrees within a relative tol; sky, and anything beyond `far` where
+    the haze has made it sky-coloured, matches sky). Also the grid that
+    resamples the source at those points (the depth-warp oracle, F.grid_sample with
+    align_corners=False). depth_* (..., H, W), rel (..., 4, 4), K_* (..., 4) ->
+    mask (..., H, W) bool, grid (..., H, W, 2) in [-1, 1]."""
+    H, W = depth_tgt.shape[-2:]
+    uv, rho, front = reproject(depth_tgt, rel, K_src, K_tgt)
+    inside = front & (uv[..., 0] >= 0) & (uv[..., 0] < 1) & (uv[..., 1] >= 0) & (uv[..., 1] < 1)
+    flat = depth_src.flatten(-2)
+    x0, y0 = (uv[..., 0] * W - 0.5).floor().long(), (uv[..., 1] * H - 0.5).floor().long()
+    agree = torch.zeros_like(inside)
+    for dy in (0, 1):                   # any of the 4 source pixels around the point agrees:
+        for dx in (0, 1):               # depth edges fall between pixel centres
+            i, j = (y0 + dy).clamp(0, H - 1), (x0 + dx).clamp(0, W - 1)
+            rho_src = 1 / torch.gather(flat, -1, (i * W + j).flatten(-2)).view_as(rho)
+            agree |= (rho - rho_src).abs() <= tol * torch.maximum(rho, rho_src) + 1 / far
+    return inside & agree, uv * 2 - 1
+
+
+def warp_source(src, grid):
+    """The depth-warp oracle: src (..., 3, H, W) bilinearly resampled at grid (..., H, W, 2)."""
+    lead = src.shape[:-3]
+    out = F.grid_sample(src.flatten(0, -4), grid.flatten(0, -4), mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    return out.view(lead + out.shape[1:])
+
+
 def pair_rays(rel, K_src, K_tgt, H, W):
     """Camera maps for interleaved pairs: source at identity (its intrinsics), target at rel.
     rel (B, T, 4, 4), K_* (B, T, 4) -> cam_src, cam_tgt, each (B, T, 6, H, W)."""
@@ -314,9 +364,10 @@ def shade(scene, d, idx, normal, local, p, time):
 
 
 @torch.no_grad()
-def render(scene, c2w, K, time, H, W, ss=2):
+def render(scene, c2w, K, time, H, W, ss=2, depth=True):
     """Render N views: c2w (N, 4, 4), K (N, 4), time (N,) in seconds -> rgb (N, 3, H, W) in
-    [-1, 1] and z-depth (N, H, W) (inf for sky). ss x ss supersampling for anti-aliasing."""
+    [-1, 1] and z-depth (N, H, W) (inf for sky; None unless depth). ss x ss supersampling for
+    anti-aliasing."""
     N = c2w.shape[0]
     o, d = pixel_rays(c2w, K, H * ss, W * ss)                          # (N, Hs, Ws, 3)
     o, d = o.reshape(-1, 3), d.reshape(-1, 3)
@@ -325,10 +376,17 @@ def render(scene, c2w, K, time, H, W, ss=2):
     rgb = shade(scene, d, idx, normal, local, p, tr)
     rgb = rgb.reshape(N, H * ss, W * ss, 3).permute(0, 3, 1, 2)
     rgb = F.avg_pool2d(rgb, ss) if ss > 1 else rgb
-    # z-depth of the centre sample of each pixel
-    fwd = c2w[:, None, :3, 2].expand(N, H * ss * W * ss, 3).reshape(-1, 3)
-    depth = (s * (d * fwd).sum(-1)).reshape(N, H * ss, W * ss)[:, ss // 2::ss, ss // 2::ss]
-    return rgb * 2 - 1, depth
+    # z-depth along the ray through each pixel's centre (between the supersamples when ss is even)
+    if not depth:
+        return rgb * 2 - 1, None
+    if ss % 2 == 0:
+        o, d = pixel_rays(c2w, K, H, W)
+        o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+        s, *_ = intersect(scene, o, d, time.repeat_interleave(H * W))
+    else:
+        d, s = d.view(N, H, ss, W, ss, 3)[:, :, ss // 2, :, ss // 2].reshape(-1, 3), s.view(N, H, ss, W, ss)[:, :, ss // 2, :, ss // 2].reshape(-1)
+    fwd = c2w[:, None, :3, 2].expand(N, H * W, 3).reshape(-1, 3)
+    return rgb * 2 - 1, (s * (d * fwd).sum(-1)).reshape(N, H, W)
 
 # -----------------------------------------------------------------------------
 # the training stream: (source clip, target clip, relative pose, intrinsics)
@@ -360,10 +418,11 @@ def source_path(n, gen):
     return base @ rel
 
 
-def render_clip(seed, n, H, W, rel=None, zoom=None, src_c2w=None, t0=0.0, ss=2, gen=None, fx=1.0, frozen=False):
+def render_clip(seed, n, H, W, rel=None, zoom=None, src_c2w=None, t0=0.0, ss=2, gen=None, fx=1.0, frozen=False,
+                depth=True):
     """Render a synchronized (source, target) clip of n frames of scene `seed` (frozen: no
     object moves). Returns a dict: src, tgt (n, 3, H, W), rel (n, 4, 4), K_src, K_tgt (n, 4),
-    depth_src, depth_tgt."""
+    and (if depth) depth_src, depth_tgt (n, H, W)."""
     gen = gen if gen is not None else torch.Generator().manual_seed(int(seed) + 1)
     scene = make_scene(seed)
     if frozen:
@@ -376,10 +435,10 @@ def render_clip(seed, n, H, W, rel=None, zoom=None, src_c2w=None, t0=0.0, ss=2, 
     K_tgt = K_src.clone()
     K_tgt[:, :2] *= zoom[:, None]
     time = t0 + torch.arange(n, dtype=torch.float32) / FPS
-    rgb, depth = render(scene, torch.cat([src_c2w, src_c2w @ rel]), torch.cat([K_src, K_tgt]),
-                        torch.cat([time, time]), H, W, ss)
-    return dict(src=rgb[:n], tgt=rgb[n:], rel=rel, K_src=K_src, K_tgt=K_tgt,
-                depth_src=depth[:n], depth_tgt=depth[n:])
+    rgb, z = render(scene, torch.cat([src_c2w, src_c2w @ rel]), torch.cat([K_src, K_tgt]),
+                    torch.cat([time, time]), H, W, ss, depth)
+    clip = dict(src=rgb[:n], tgt=rgb[n:], rel=rel, K_src=K_src, K_tgt=K_tgt)
+    return clip if z is None else dict(clip, depth_src=z[:n], depth_tgt=z[n:])
 
 
 def sample_clip(seed, n, H, W, ss=2):
@@ -395,7 +454,7 @@ def sample_clip(seed, n, H, W, ss=2):
     start = int(torch.randint(0, long - n + 1, (1,), generator=g))
     fx = 0.8 + 0.4 * torch.rand(1, generator=g).item()
     return render_clip(seed, n, H, W, rel[start:start + n], zoom[start:start + n], ss=ss, gen=g,
-                       t0=start / FPS, fx=fx)
+                       t0=start / FPS, fx=fx, depth=False)
 
 
 def rng(*ints):
@@ -405,8 +464,8 @@ def rng(*ints):
     return torch.Generator().manual_seed(hash(ints) % 2 ** 31)
 
 
-def collate(clips):
-    return {k: torch.stack([c[k] for c in clips]) for k in ("src", "tgt", "rel", "K_src", "K_tgt")}
+def collate(clips, keys=("src", "tgt", "rel", "K_src", "K_tgt")):
+    return {k: torch.stack([c[k] for c in clips]) for k in keys}
 
 
 def synthetic_batch(step, pairs, max_pairs, H, W, seed=0, rank=0):

@@ -16,6 +16,7 @@ frozen teacher (real score) with a critic (fake score) trained online on the stu
 """
 import argparse
 import copy
+import json
 import math
 import os
 import shutil
@@ -28,10 +29,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from eval import quick_psnr, save_sample_video, save_strip
+from eval import format_quick, quick_eval, save_sample_video, save_strip
 from loopaug import LoopSampler
-from model import (KVCache, StopFlag, add_noise, encode_target, load_checkpoint, sample_t, save_checkpoint, shift_t,
-                   student_chunk, RealCamDiT, Config)
+from model import (KVCache, StopFlag, add_noise, encode_target, flow_loss, load_checkpoint, sample_t, save_checkpoint,
+                   shift_t, student_chunk, to_x0, RealCamDiT, Config)
 
 # -----------------------------------------------------------------------------
 # the pieces of the method
@@ -231,8 +232,10 @@ def main():
                     raise SystemExit(130)
                 last = step == max_steps
                 if master and (step % args.eval_every == 0 or last) and step > start:
-                    res, (s, x, y) = quick_psnr(ema, args.steps, student=True, device=dev)
-                    bar.write(f"eval {stage} {step} | " + " | ".join(f"{k} {m:.2f} dB (copy {c:.2f})" for k, (m, c) in res.items()))
+                    res, (s, x, y) = quick_eval(ema, args.steps, student=True, device=dev)
+                    bar.write(f"eval {stage} {step} | {format_quick(res)}")
+                    with open(os.path.join(args.out, "evals.jsonl"), "a") as f:
+                        f.write(json.dumps(dict(stage=stage, step=step, sample=res)) + "\n")
                     save_sample_video(os.path.join(args.out, f"sample_{stage}.mp4"), s, x, y)
                     save_strip(os.path.join(args.out, f"sample_{stage}.png"), s, x, y)
                 if (step % args.save_every == 0 or last) and step > start:
@@ -251,9 +254,9 @@ def main():
                     e = torch.randn(x0.shape, generator=g).to(dev)
                     t = chunk_timesteps(B, T, scfg.chunk, scfg.shift, g).to(dev)
                     with autocast:
-                        v = student(src, add_noise(x0, e, t), cam_src, cam_tgt, t, causal=True)
-                    w = (t > 0).float()[..., None, None, None]                  # no loss on clean chunks
-                    loss = ((v.float() - (e - x0)).square() * w).sum() / (w.sum() * v[0, 0].numel()).clamp(min=1)
+                        out = student(src, add_noise(x0, e, t), cam_src, cam_tgt, t, causal=True)
+                    w = (t > 0).float()                                        # no loss on clean chunks
+                    loss = (flow_loss(out, x0, e, t, scfg) * w).sum() / w.sum().clamp(min=1)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     allreduce(student)
@@ -271,8 +274,8 @@ def main():
                         tc = sample_t((B, 1), scfg.shift, g).expand(B, T).to(dev)
                         e = torch.randn(xf.shape, generator=g).to(dev)
                         with autocast:
-                            vc = critic(src, add_noise(xf, e, tc), cam_src, cam_tgt, tc)
-                        loss_c = F.mse_loss(vc.float(), e - xf)
+                            oc = critic(src, add_noise(xf, e, tc), cam_src, cam_tgt, tc)
+                        loss_c = flow_loss(oc, xf, e, tc, tcfg).mean()
                         opt_c.zero_grad(set_to_none=True)
                         loss_c.backward()
                         allreduce(critic)
@@ -286,8 +289,8 @@ def main():
                     e = torch.randn(x.shape, generator=g).to(dev)
                     with torch.no_grad(), autocast:
                         xt = add_noise(x.detach(), e, t)
-                        x0_real = xt - t[..., None, None, None] * teacher(src, xt, cam_src, cam_tgt, t).float()
-                        x0_fake = xt - t[..., None, None, None] * critic(src, xt, cam_src, cam_tgt, t).float()
+                        x0_real = to_x0(teacher(src, xt, cam_src, cam_tgt, t).float(), xt, t, tcfg)
+                        x0_fake = to_x0(critic(src, xt, cam_src, cam_tgt, t).float(), xt, t, tcfg)
                     loss, gnorm_g = dmd_loss(x, x0_real, x0_fake)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

@@ -1,8 +1,12 @@
 """
 Evaluate a checkpoint on a fixed held-out set of synthetic scenes (seeds disjoint from training:
 training scenes use seeds below 2**31, held-out scenes start at EVAL_SEED), for every
-trajectory family: PSNR and SSIM against the rendered ground truth, next to a copy-the-source
-baseline; temporal flicker; time per generated frame. Prints a table and writes JSON.
+trajectory family: PSNR against the rendered ground truth on all pixels, on the co-visible ones
+(target pixels whose scene point the source frame also sees: where geometry decides the answer)
+and on the rest (disoccluded: where the model must invent), next to copy-the-source and, on the
+co-visible pixels, the depth-warp oracle (the source resampled with the true depth: what perfect
+geometry gives at this resolution); SSIM; temporal flicker; time per generated frame; for
+students, a 48-frame orbit streamed through the KV cache, by thirds. Prints a table, writes JSON.
 
     python eval.py --ckpt runs/teacher/ckpt.pt
     python eval.py --ckpt runs/teacher/ckpt.pt --clips 2 --frames 4 --steps 10   # quick look
@@ -34,7 +38,20 @@ def heldout_batch(family, n_clips, T, size):
         rel, zoom = data.preset_path(FAMILIES[family][j % len(FAMILIES[family])], T)
         seed = EVAL_SEED + 1000 * fam + j
         clips.append(data.render_clip(seed, T, size, size, rel, zoom, gen=torch.Generator().manual_seed(seed)))
-    return data.collate(clips)
+    return data.collate(clips, DEPTH_KEYS)
+
+
+DEPTH_KEYS = ("src", "tgt", "rel", "K_src", "K_tgt", "depth_src", "depth_tgt")
+
+
+def stream_batch(n_clips, T, size, traj="orbit"):
+    """Held-out long streams: a moving source (as any video) and a T-frame preset path."""
+    rel, zoom = data.preset_path(traj, T)
+    clips = []
+    for j in range(n_clips):
+        seed = EVAL_SEED + 900_000 + j
+        clips.append(data.render_clip(seed, T, size, size, rel, zoom, gen=torch.Generator().manual_seed(seed)))
+    return data.collate(clips, DEPTH_KEYS)
 
 
 def out_and_back(rel, zoom):
@@ -84,10 +101,36 @@ def loop_metrics(x, y, pairs):
 # -----------------------------------------------------------------------------
 # metrics on (B, T, 3, H, W) videos in [-1, 1]
 
-def psnr(x, y):
-    """Per-clip PSNR in dB (B,), from the clip's mean squared error on the [0, 1] scale."""
-    mse = ((x - y) / 2).square().flatten(1).mean(1)
+def psnr(x, y, mask=None):
+    """Per-clip PSNR in dB (B,), from the clip's mean squared error on the [0, 1] scale; with a
+    mask (B, T, H, W), over the masked pixels only (NaN for a clip with none)."""
+    se = ((x - y) / 2).square()
+    if mask is None:
+        mse = se.flatten(1).mean(1)
+    else:
+        m = mask[:, :, None].expand_as(se).float()
+        mse = (se * m).flatten(1).sum(1) / m.flatten(1).sum(1)
     return -10 * torch.log10(mse.clamp(min=1e-10))
+
+
+def nanmean(x):
+    return x[~x.isnan()].mean().item() if (~x.isnan()).any() else float("nan")
+
+
+def view_metrics(x, b):
+    """PSNR of generated targets x against the truth on all, co-visible and other (disoccluded)
+    pixels, for x, copy-the-source and (co-visible) the depth-warp oracle; clip means."""
+    y, s = b["tgt"], b["src"]
+    covis, grid = data.covisibility(b["depth_src"], b["depth_tgt"], b["rel"], b["K_src"], b["K_tgt"])
+    oracle = data.warp_source(s, grid)
+    r = {}
+    for name, v in (("", x), ("_copy", s)):
+        r["psnr" + name] = psnr(v, y).mean().item()
+        r["covis" + name] = nanmean(psnr(v, y, covis))
+        r["rest" + name] = nanmean(psnr(v, y, ~covis))
+    r["covis_oracle"] = nanmean(psnr(oracle, y, covis))
+    r["covis_frac"] = covis.float().mean().item()
+    return r
 
 
 def ssim(x, y, win=7, sigma=1.5):
@@ -128,16 +171,30 @@ def generate(model, batch, steps, student=False, device="cpu", seed=0):
     return sampler(model, src, cam_src, cam_tgt, steps, generator=gen).cpu()
 
 
-def quick_psnr(model, steps=25, student=False, n_clips=4, T=4, families=("orbit", "pan"), device="cpu"):
-    """Held-out PSNR during training: {family: (model, copy)} and a sample (source, generated,
-    truth) of the first family for a video."""
+GEOMETRY = ("orbit", "pan", "dolly", "truck")   # the families whose co-visible gain is the headline figure
+
+
+def quick_eval(model, steps=25, student=False, n_clips=4, T=4, families=GEOMETRY, device="cpu"):
+    """Held-out figures during training, per family: co-visible PSNR of samples and of copy,
+    and static PSNR (the identity camera: the answer is the input). Returns ({name: figure},
+    a (source, generated, truth) sample of the first family for a video)."""
     out, sample = {}, None
-    for fam in families:
+    for fam in families + ("static",):
         b = heldout_batch(fam, n_clips, T, model.cfg.size)
         x = generate(model, b, steps, student, device)
-        out[fam] = (psnr(x, b["tgt"]).mean().item(), psnr(b["src"], b["tgt"]).mean().item())
+        if fam == "static":
+            out["static"] = psnr(x, b["tgt"]).mean().item()
+            continue
+        r = view_metrics(x, b)
+        out[fam], out[fam + "_copy"] = r["covis"], r["covis_copy"]
         sample = sample or (b["src"], x, b["tgt"])
+    out["gain"] = sum(out[f] - out[f + "_copy"] for f in families) / len(families)
     return out, sample
+
+
+def format_quick(res):
+    return (" | ".join(f"{k} {res[k]:.2f} ({res[k + '_copy']:.2f})" for k in GEOMETRY if k in res)
+            + f" | static {res['static']:.2f} | co-visible gain {res['gain']:+.2f} dB")
 
 
 def save_strip(path, src, gen, tgt, upscale=4):
@@ -165,6 +222,8 @@ if __name__ == "__main__":
                    help="comma-separated sampling steps (default: 50 for a teacher, 1,2,4 for a student)")
     p.add_argument("--families", type=str, default=",".join(FAMILIES), help="comma-separated families")
     p.add_argument("--out", type=str, default=None, help="JSON output (default: eval.json next to the checkpoint)")
+    p.add_argument("--stream", type=int, default=4, help="students: clips of the long orbit stream (0: skip)")
+    p.add_argument("--stream_frames", type=int, default=48, help="frames of the long orbit stream")
     p.add_argument("--loops", type=int, default=0, help="also run the loop benchmark: clips a loop (0: skip)")
     p.add_argument("--loop_length", type=int, default=13, help="frames of each outbound half of a loop")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -191,21 +250,40 @@ if __name__ == "__main__":
             x = generate(model, b, steps, student, args.device)
             dt = time.time() - t0
             y, s = b["tgt"], b["src"]
-            rows[fam] = dict(psnr=psnr(x, y).mean().item(), psnr_copy=psnr(s, y).mean().item(),
-                             ssim=ssim(x, y).mean().item(), ssim_copy=ssim(s, y).mean().item(),
+            rows[fam] = dict(**view_metrics(x, b), ssim=ssim(x, y).mean().item(), ssim_copy=ssim(s, y).mean().item(),
                              flicker=flicker(x, y).mean().item(), flicker_copy=flicker(s, y).mean().item(),
                              ms_per_frame=1000 * dt / x.shape[0] / x.shape[1])
             if steps == steps_list[-1]:
                 strip.append((s[:1], x[:1], y[:1]))
         moving = [r for f, r in rows.items() if f != "static"] or list(rows.values())  # static: copy is exact
         mean = {k: sum(r[k] for r in moving) / len(moving) for k in moving[0]}
-        runs.append(dict(sampler="student" if student else "teacher", steps=steps, families=rows, mean=mean))
-        print(f"\n{steps} steps\n{'family':10s} {'PSNR':>7s} {'copy':>7s} {'gain':>6s} {'SSIM':>6s} {'copy':>6s} "
-              f"{'flicker':>8s} {'copy':>6s} {'ms/frame':>9s}")
+        geo = [rows[f] for f in GEOMETRY if f in rows]
+        gain = sum(r["covis"] - r["covis_copy"] for r in geo) / len(geo) if geo else float("nan")
+        runs.append(dict(sampler="student" if student else "teacher", steps=steps, families=rows, mean=mean,
+                         covis_gain=gain, static=rows["static"]["psnr"] if "static" in rows else None))
+        print(f"\n{steps} steps: PSNR (dB) on all / co-visible / other pixels; copy = copy-the-source; "
+              f"oracle = source warped with the true depth")
+        print(f"{'family':9s} {'all':>6s} {'copy':>6s} | {'covis':>6s} {'copy':>6s} {'oracle':>6s} {'share':>5s} | "
+              f"{'other':>6s} {'copy':>6s} | {'SSIM':>5s} {'copy':>5s} | {'flicker':>7s} {'copy':>5s} | {'ms/fr':>6s}")
         for name, r in list(rows.items()) + [("mean*", mean)]:
-            print(f"{name:10s} {r['psnr']:7.2f} {r['psnr_copy']:7.2f} {r['psnr'] - r['psnr_copy']:+6.2f} "
-                  f"{r['ssim']:6.3f} {r['ssim_copy']:6.3f} {r['flicker']:8.2f} {r['flicker_copy']:6.2f} "
-                  f"{r['ms_per_frame']:9.1f}")
+            print(f"{name:9s} {r['psnr']:6.2f} {r['psnr_copy']:6.2f} | {r['covis']:6.2f} {r['covis_copy']:6.2f} "
+                  f"{r['covis_oracle']:6.2f} {r['covis_frac']:5.2f} | {r['rest']:6.2f} {r['rest_copy']:6.2f} | "
+                  f"{r['ssim']:5.3f} {r['ssim_copy']:5.3f} | {r['flicker']:7.2f} {r['flicker_copy']:5.2f} | "
+                  f"{r['ms_per_frame']:6.1f}")
+        print(f"co-visible gain over copy, mean of {', '.join(GEOMETRY)}: {gain:+.2f} dB"
+              + (f" | static (identity camera) {rows['static']['psnr']:.2f} dB" if "static" in rows else ""))
+    long = {}
+    if student and args.stream:
+        steps = steps_list[-1]
+        b = stream_batch(args.stream, args.stream_frames, S)
+        x = generate(model, b, steps, student, args.device)
+        for k, sl in enumerate(torch.arange(args.stream_frames).chunk(3)):
+            part = {key: (v[:, sl] if v.ndim > 2 and v.shape[1] == args.stream_frames else v) for key, v in b.items()}
+            long[f"third{k + 1}"] = view_metrics(x[:, sl], part)
+        print(f"\nlong stream: {args.stream_frames}-frame orbit through the KV cache ({steps} steps, {args.stream} clips), "
+              f"by thirds: PSNR all (copy) | co-visible (copy)")
+        print("  " + " | ".join(f"{k}: {r['psnr']:.2f} ({r['psnr_copy']:.2f}) | {r['covis']:.2f} ({r['covis_copy']:.2f})"
+                               for k, r in long.items()))
     loops = {}
     if args.loops:
         steps = steps_list[-1]
@@ -223,7 +301,7 @@ if __name__ == "__main__":
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "eval.json")
     with open(out, "w") as f:
         json.dump(dict(ckpt=args.ckpt, step=ckpt.get("step"), clips=args.clips, frames=args.frames,
-                       device=args.device, runs=runs, loops=loops), f, indent=1)
+                       device=args.device, runs=runs, stream=long, loops=loops), f, indent=1)
     png = out.replace(".json", ".png")
     save_strip(png, *[torch.cat(v, 1) for v in zip(*strip)])
     print(f"* mean over the moving families (static: the target is the source, copy is exact)\n"

@@ -36,6 +36,10 @@ class Config:
     residual: bool = True       # diffuse the target minus its source frame (anchors on the source)
     src_sees_tgt: bool = False  # may source tokens attend to target tokens?
     shift: float = 2.0          # timestep shift toward high noise, train and sample
+    pred: str = "v"             # network output: "v" (velocity) or "x" (the clean x0, v derived from it)
+    t_min: float = 0.05         # x-prediction: the flow loss divides by max(t, t_min)
+    cam_rope: tuple = ()        # inverse depths of the planes that place tokens for RoPE, one a head
+                                # (cycled); () = every token at its own patch grid position
     chunk: int = 1              # student: pairs a chunk
     window: int = 0             # student: chunks attended, the current one included (0 = all)
     sink: int = 0               # student: first chunks always kept in the window
@@ -74,6 +78,22 @@ def add_noise(x0, e, t):
 
 def v_to_x0(xt, v, t):
     return xt - _bc(t, xt) * v                               # x0 = x_t - t v
+
+
+def to_x0(out, xt, t, cfg):
+    """The network's output -> its estimate of the clean x0 (what samplers and DMD use)."""
+    return out if cfg.pred == "x" else v_to_x0(xt, out, t)
+
+
+def flow_loss(out, x0, e, t, cfg):
+    """Rectified-flow loss per frame (B, T): || v_pred - v ||^2 with v = e - x0. For x-prediction
+    v_pred = (x_t - x0_pred) / t, so the loss is || x0_pred - x0 ||^2 / t^2, with t floored at
+    cfg.t_min so that nearly clean frames do not dominate ("Back to Basics", 2025)."""
+    if cfg.pred == "x":
+        err = (out - x0) / _bc(t, x0).clamp(min=cfg.t_min)
+    else:
+        err = out - (e - x0)
+    return err.float().square().flatten(2).mean(-1)
 
 
 def encode_target(tgt, src, cfg):
@@ -134,14 +154,42 @@ class KVCache:
 # modules
 
 def rope_angles(time, row, col, head_dim, base=10000.0):
-    """3D RoPE angles (N, head_dim / 2): a quarter of the rotary pairs for time, the rest split
-    between row and column."""
+    """3D RoPE angles (..., N, head_dim / 2): a quarter of the rotary pairs for time, the rest
+    split between row and column. time (N,); row, col (N,) or per head (B, H, N), fractional
+    positions allowed."""
     n_t = head_dim // 8                     # rotary pairs for time (a quarter of the channels)
     n_h = (head_dim // 2 - n_t) // 2
     n_w = head_dim // 2 - n_t - n_h
     f = lambda n: base ** (-torch.arange(n, device=time.device, dtype=torch.float32) / n)
-    return torch.cat([time[:, None].float() * f(n_t), row[:, None].float() * f(n_h),
-                      col[:, None].float() * f(n_w)], -1)
+    a_h, a_w = row[..., None].float() * f(n_h), col[..., None].float() * f(n_w)
+    a_t = (time[:, None].float() * f(n_t)).expand(a_h.shape[:-1] + (n_t,))
+    return torch.cat([a_t, a_h, a_w], -1)
+
+
+def plane_positions(cam, cfg):
+    """Camera RoPE: where each token's patch lands in the SOURCE image when its rays are cut by
+    fronto-parallel planes z = 1 / rho of the source camera (one plane a head, cfg.cam_rope).
+    cam (B, F, 6, H, W) Plucker maps (o x d, d), all in the source camera's frame (the source
+    itself at identity). Returns (row, col) (B, heads, F * L) in patch units of a canonical
+    camera (fx = 1, centre 0.5): a source token sits at its own grid position whatever rho, a
+    target token at the position of the source pixel it would copy if the scene lay on the
+    plane. RoPE then turns "attend to the source where my ray lands" into "attend to the same
+    position", for every plane at once; the network picks a plane (a depth) per pixel. Pure
+    rotations land exactly, whatever the depth. Each token's position depends on its own camera
+    only, so the KV cache stays exact."""
+    m, d = cam[:, :, :3], cam[:, :, 3:]                                          # (B, F, 3, H, W)
+    o = torch.cross(d, m, dim=2)                                                 # ray point nearest the origin
+    rho = torch.tensor(cfg.cam_rope, device=cam.device, dtype=cam.dtype).view(1, -1, 1, 1, 1)
+    dz = d[:, None, :, 2].clamp(min=0.05)                                        # (B, 1, F, H, W)
+    # the ray meets z = 1/rho at o + (1/rho - o_z) / d_z d, which projects to x/z = rho o_x + (1 - rho o_z) d_x / d_z
+    ox, oy, oz = (o[:, None, :, i] for i in range(3))
+    u = rho * ox + (1 - rho * oz) * d[:, None, :, 0] / dz                      # (B, P, F, H, W)
+    v = rho * oy + (1 - rho * oz) * d[:, None, :, 1] / dz
+    g, P = cfg.size // cfg.patch, len(cfg.cam_rope)
+    pool = lambda z: F.avg_pool2d(z.flatten(0, 2), cfg.patch).view(z.shape[0], P, -1)   # (B, P, F * L)
+    col, row = g * (pool(u) + 0.5) - 0.5, g * (pool(v) + 0.5) - 0.5
+    head = torch.arange(cfg.heads, device=cam.device) % P
+    return row[:, head], col[:, head]                                            # (B, heads, F * L)
 
 
 def apply_rope(x, cos, sin):
@@ -241,17 +289,21 @@ class RealCamDiT(nn.Module):
         x (B, F, 3, H, W) pixels or noisy x_t; cam (B, F, 6, H, W); t (B, F) noise levels;
         time (F,) pair index (absolute); role (F,) 0 source / 1 target.
         With a cache, the frames attend to the cached tokens too; write=True appends them.
-        Returns the velocity prediction (B, F, 3, H, W)."""
+        Returns the network's prediction (B, F, 3, H, W): v, or x0 (cfg.pred); to_x0 converts."""
         B, Fr = x.shape[:2]
         L, g = self.grid ** 2, self.grid
         h = self.patch_embed(self.patchify(torch.cat([x, cam], 2)))             # (B, F, L, D)
         h = h + self.role_embed[role][None, :, None]
         c = self.t_embed(timestep_embedding(t, 256))                             # (B, F, D)
-        # token metadata and RoPE
+        # token metadata and RoPE: time = pair index; rows and columns on the patch grid, or
+        # where the token's rays land in the source image (camera RoPE)
         tok_time, tok_role = time.repeat_interleave(L), role.repeat_interleave(L)  # (N,)
-        rows = torch.arange(g, device=x.device).repeat_interleave(g).repeat(Fr)
-        cols = torch.arange(g, device=x.device).repeat(g * Fr)
-        ang = rope_angles(tok_time, rows, cols, self.cfg.dim // self.cfg.heads)
+        if self.cfg.cam_rope:
+            rows, cols = plane_positions(cam, self.cfg)                          # (B, heads, N)
+        else:
+            rows = torch.arange(g, device=x.device).repeat_interleave(g).repeat(Fr)
+            cols = torch.arange(g, device=x.device).repeat(g * Fr)
+        ang = rope_angles(tok_time, rows, cols, self.cfg.dim // self.cfg.heads)  # (N or B, H, N, Dh / 2)
         rope = (ang.cos(), ang.sin())
         if cache is not None and len(cache):
             mask = visible(tok_time, tok_role, torch.cat([cache.time, tok_time]),
@@ -270,7 +322,7 @@ class RealCamDiT(nn.Module):
         """Full forward over T interleaved pairs [s0, t0, s1, t1, ...].
         src, xt (B, T, 3, H, W): clean source, noisy target; cam_* (B, T, 6, H, W);
         t (B, T) noise level of each target (sources are always clean, t = 0).
-        Returns v for the targets (B, T, 3, H, W)."""
+        Returns the prediction (v or x0, cfg.pred) for the targets (B, T, 3, H, W)."""
         B, T = src.shape[:2]
         assert not causal or time0 % self.cfg.chunk == 0, "a causal forward starts on a chunk boundary"
         x = torch.stack([src, xt], 2).flatten(1, 2)                               # (B, 2T, 3, H, W)
@@ -292,8 +344,8 @@ def teacher_sample(model, src, cam_src, cam_tgt, steps=50, generator=None, noise
     ts = shift_t(torch.linspace(1, 0, steps + 1, device=src.device), cfg.shift)
     for i in range(steps):
         t = ts[i].expand(src.shape[:2])
-        v = model(src, x, cam_src, cam_tgt, t)
-        x = x + (ts[i + 1] - ts[i]) * v                                          # dx/dt = v
+        x0 = to_x0(model(src, x, cam_src, cam_tgt, t), x, t, cfg)
+        x = x0 + (ts[i + 1] / ts[i]) * (x - x0)        # Euler: x + (t' - t) v with v = (x - x0) / t
     return decode_target(x, src, cfg)
 
 
@@ -334,8 +386,8 @@ def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_
     x = noise[0]
     for j in range(last + 1):
         with torch.set_grad_enabled(grad and j == last):
-            v = chunk_pass(model, cache, src, x, cam_src, cam_tgt, zeros + ts[j], time, False)
-            x0 = x - ts[j] * v                                                # x0 = x_t - t v
+            out = chunk_pass(model, cache, src, x, cam_src, cam_tgt, zeros + ts[j], time, False)
+            x0 = to_x0(out, x, zeros + ts[j], model.cfg)                      # x0 = x_t - t v (or predicted)
         if j < last:
             x = (1 - ts[j + 1]) * x0 + ts[j + 1] * noise[j + 1]             # re-noise to t_{j+1}
     with torch.no_grad():

@@ -95,7 +95,7 @@ def synthetic_source(n, size, seed=2 ** 31 + 123):
     c2w = data.source_path(n, g)
     K = torch.tensor([1.0, 1.0, 0.5, 0.5])
     for i in range(n):
-        rgb, _ = data.render(scene, c2w[i:i + 1], K[None], torch.tensor([i / data.FPS]), size, size)
+        rgb, _ = data.render(scene, c2w[i:i + 1], K[None], torch.tensor([i / data.FPS]), size, size, depth=False)
         yield rgb[0]
 
 

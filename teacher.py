@@ -13,10 +13,11 @@ loss = || v_theta(x_t, t | source, cameras) - (e - x0) ||^2 over target tokens o
 """
 import argparse
 import copy
+import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
@@ -24,9 +25,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from eval import quick_psnr, save_sample_video, save_strip
-from model import (PRESETS, Config, RealCamDiT, StopFlag, add_noise, encode_target, flops_per_forward, load_checkpoint,
-                   num_params, sample_t, save_checkpoint)
+from eval import format_quick, quick_eval, save_sample_video, save_strip
+from model import (PRESETS, Config, RealCamDiT, StopFlag, add_noise, encode_target, flops_per_forward, flow_loss,
+                   load_checkpoint, num_params, sample_t, save_checkpoint)
 
 DEFAULT_STEPS = {"tiny": 300, "small": 8000, "base": 100_000}
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, for MFU
@@ -37,6 +38,9 @@ p.add_argument("--preset", type=str, default=None, help="model preset (default: 
 p.add_argument("--data", type=str, default=None, help="on-disk multi-view dataset (default: synthetic stream)")
 p.add_argument("--pairs", type=int, default=None, help="(source, target) pairs a batch per process (default: 16 CPU, 64 CUDA)")
 p.add_argument("--max_pairs", type=int, default=6, help="pairs a clip are drawn from 1..max_pairs")
+p.add_argument("--pred", type=str, default=None, choices=["v", "x"], help="network output: velocity or clean x0 (default: the preset's)")
+p.add_argument("--cam_rope", type=str, default=None,
+               help="camera RoPE: comma-separated inverse depths of the planes, one a head ('' = grid RoPE; default: the preset's)")
 # optimization
 p.add_argument("--max_steps", type=int, default=None, help="training steps (default: per preset)")
 p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
@@ -83,13 +87,17 @@ ckpt_path = os.path.join(args.out, "ckpt.pt")
 # model, EMA, optimizer (restored on --resume)
 ckpt = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
 cfg = Config(**ckpt["config"]) if ckpt else PRESETS[args.preset]
+if not ckpt and args.pred is not None:
+    cfg = replace(cfg, pred=args.pred)
+if not ckpt and args.cam_rope is not None:
+    cfg = replace(cfg, cam_rope=tuple(float(r) for r in args.cam_rope.split(",") if r.strip()))
 model = RealCamDiT(cfg).to(args.device)
 ema = copy.deepcopy(model).requires_grad_(False).eval()
 optim = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
 start, best = 0, -math.inf
 if ckpt:
     model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), optim.load_state_dict(ckpt["optim"])
-    start, best = ckpt["step"], ckpt.get("best_psnr", -math.inf)   # steps done so far
+    start, best = ckpt["step"], ckpt.get("best_gain", -math.inf)   # steps done so far
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if cuda and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
@@ -130,7 +138,7 @@ def get_batch(step):
 def save(step):
     rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
     save_checkpoint(ckpt_path, model=model.state_dict(), ema=ema.state_dict(), optim=optim.state_dict(),
-                    step=step, config=asdict(cfg), args=vars(args), rng=rng, best_psnr=best)
+                    step=step, config=asdict(cfg), args=vars(args), rng=rng, best_gain=best)
 
 
 # -----------------------------------------------------------------------------
@@ -147,11 +155,13 @@ try:
         last = step == args.max_steps
         # periodic held-out evaluation of the EMA weights (PSNR vs ground truth and copy-the-source)
         if master and (step % args.eval_every == 0 or last) and step > start:
-            res, (s, x, y) = quick_psnr(ema, args.eval_steps, device=args.device)
-            gain = sum(m - c for m, c in res.values()) / len(res)
-            best = max(best, sum(m for m, _ in res.values()) / len(res))
-            bar.write(f"eval {step} | " + " | ".join(f"{k} {m:.2f} dB (copy {c:.2f})" for k, (m, c) in res.items())
-                      + f" | gain {gain:+.2f} dB")
+            res, (s, x, y) = quick_eval(ema, args.eval_steps, device=args.device)
+            mean, _ = quick_eval(ema, 1, device=args.device)      # one step from noise: the posterior mean
+            best = max(best, res["gain"])
+            bar.write(f"eval {step} | {args.eval_steps} steps: {format_quick(res)}\n"
+                      f"eval {step} | 1 step (mean): {format_quick(mean)}")
+            with open(os.path.join(args.out, "evals.jsonl"), "a") as f:
+                f.write(json.dumps(dict(step=step, wall_min=(time.time() - t_start) / 60, sample=res, mean=mean)) + "\n")
             save_sample_video(os.path.join(args.out, "sample.mp4"), s, x, y)
             save_strip(os.path.join(args.out, "sample.png"), s, x, y)
         if master and (step % args.save_every == 0 or last) and step > start:
@@ -170,8 +180,8 @@ try:
         e = torch.randn(x0.shape, generator=g).to(args.device)
         t = sample_t((B, 1), cfg.shift, g).expand(B, T).to(args.device)     # one t a clip
         with autocast:
-            v = net(src, add_noise(x0, e, t), cam_src, cam_tgt, t)
-        loss = F.mse_loss(v.float(), e - x0)                                  # target tokens only
+            out = net(src, add_noise(x0, e, t), cam_src, cam_tgt, t)
+        loss = flow_loss(out, x0, e, t, cfg).mean()                           # target tokens only
         for group in optim.param_groups:
             group["lr"] = lr_at(step)
         optim.zero_grad(set_to_none=True)
@@ -202,6 +212,6 @@ except KeyboardInterrupt:     # a second Ctrl-C: the last periodic checkpoint st
 if master:
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
     print(f"done: {args.max_steps} steps, wall {(time.time() - t_start) / 60:.1f} min, peak CUDA memory "
-          f"{mem:.2f} GiB, best held-out PSNR {best:.2f} dB -> {ckpt_path}")
+          f"{mem:.2f} GiB, best held-out co-visible gain over copy {best:+.2f} dB -> {ckpt_path}")
 if ddp:
     dist.destroy_process_group()

@@ -57,6 +57,46 @@ def test_positions_are_relative_in_time():
     assert (a - b).norm() / a.norm() < 1e-4
 
 
+def test_camera_rope_positions():
+    """Camera RoPE places a source token at its grid position, and a target token where its
+    patch's rays cut the plane z = 1 / rho in the source image: for a pure rotation that is the
+    same point for every plane (the true correspondence whatever the depth); for a sideways move
+    it shifts by rho * baseline * grid patches (fx = 1)."""
+    import data
+    cfg = replace(PRESETS["small"], cam_rope=(2.0, 1.0, 0.5, 0.0))
+    S, g = cfg.size, cfg.size // cfg.patch
+    K = torch.tensor([[[1.0, 1.0, 0.5, 0.5]]])
+    grid = torch.arange(g, dtype=torch.float32)
+    cs, ct = data.pair_rays(torch.eye(4)[None, None], K, K, S, S)
+    row, col = model.plane_positions(cs, cfg)
+    assert torch.allclose(col[0], grid.repeat(g).expand(4, -1), atol=1e-5)
+    assert torch.allclose(row[0], grid.repeat_interleave(g).expand(4, -1), atol=1e-5)
+    # pan: target pixel centre rays rotated; where they land in the source, computed directly
+    rel, _ = data.preset_path("pan_left", 2)
+    cs, ct = data.pair_rays(rel[None, 1:], K, K, S, S)
+    row, col = model.plane_positions(ct, cfg)
+    c = (grid + 0.5) / g - 0.5
+    d = torch.stack([c.repeat(g), c.repeat_interleave(g), torch.ones(g * g)], -1) @ rel[1, :3, :3].T
+    assert (col[0] - (g * (d[:, 0] / d[:, 2] + 0.5) - 0.5)).abs().max() < 0.02        # patch averaging
+    assert (row[0] - (g * (d[:, 1] / d[:, 2] + 0.5) - 0.5)).abs().max() < 0.02
+    # truck right by 0.25: the point at depth 1 / rho on a target ray lies rho * 0.25 further right in x / z
+    rel = torch.eye(4)
+    rel[0, 3] = 0.25
+    _, ct = data.pair_rays(rel[None, None], K, K, S, S)
+    _, col = model.plane_positions(ct, cfg)
+    rho = torch.tensor(cfg.cam_rope)[:, None]
+    assert torch.allclose(col[0], grid.repeat(g) + rho * 0.25 * g, atol=1e-4)
+
+
+def test_x_prediction_starts_as_copy_the_source():
+    """With x-prediction of the residual (target - source) and a zero output layer, a fresh
+    model's samples are the source frames exactly, whatever the noise."""
+    m = RealCamDiT(replace(TINY, pred="x"))
+    src, xt, cs, ct, t = inputs(2, 3)
+    src = src.clamp(-1, 1)
+    assert torch.equal(teacher_sample(m, src, cs, ct, steps=3, generator=torch.Generator().manual_seed(0)), src)
+
+
 def test_masks():
     cfg = replace(TINY, chunk=2, window=2, sink=1)
     time, role = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]), torch.tensor([0, 1] * 7)
@@ -89,12 +129,13 @@ def stream(m, src, x0, xt, cs, ct, t, source_once):
     return torch.cat(outs, 1), cache
 
 
-@pytest.mark.parametrize("chunk,window,sink,src_sees_tgt", [
-    (1, 0, 0, False), (1, 2, 0, False), (1, 3, 1, False), (2, 2, 0, False), (1, 2, 0, True), (2, 0, 0, True)])
-def test_kv_cache_equals_full_causal_forward(chunk, window, sink, src_sees_tgt):
+@pytest.mark.parametrize("chunk,window,sink,src_sees_tgt,cam_rope", [
+    (1, 0, 0, False, ()), (1, 2, 0, False, ()), (1, 3, 1, False, ()), (2, 2, 0, False, ()), (1, 2, 0, True, ()),
+    (2, 0, 0, True, ()), (1, 2, 0, False, (1.0, 0.0)), (3, 2, 1, False, (1.5, 0.5))])
+def test_kv_cache_equals_full_causal_forward(chunk, window, sink, src_sees_tgt, cam_rope):
     """KV-cached chunk-by-chunk inference equals the full block-causal forward (same rolling
-    window as a mask) to 1e-5 relative error in float32."""
-    cfg = replace(TINY, chunk=chunk, window=window, sink=sink, src_sees_tgt=src_sees_tgt)
+    window as a mask) to 1e-5 relative error in float32, camera RoPE included."""
+    cfg = replace(TINY, chunk=chunk, window=window, sink=sink, src_sees_tgt=src_sees_tgt, cam_rope=cam_rope)
     m = random_model(cfg)
     B, T = 2, 7
     src, xt, cs, ct, t = inputs(B, T, cfg)
