@@ -15,7 +15,9 @@ clip's length. The same weights run
 import json
 import math
 import os
+import re
 import signal
+from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
@@ -106,12 +108,35 @@ def decode_target(x0, src, cfg):
     return (x0 + src if cfg.residual else x0).clamp(-1, 1)
 
 # -----------------------------------------------------------------------------
-# attention masks: one rule, used by the full forward and by the KV-cached forward alike
+# attention layouts: which keys each query sees is decided from Python metadata (the pair
+# index and role of every frame), never by looking at tensors, so the hot path has no host
+# syncs; masks, index and RoPE tables are built once per layout and kept on the device
+
+_CONST = {}
+
+
+def const(key, make):
+    """A tensor (or tuple of them) that depends on Python metadata only, made once per key (the
+    key names the device) and kept: masks, index and RoPE tables."""
+    val = _CONST.get(key)
+    if val is None:
+        if len(_CONST) > 1024:
+            _CONST.clear()
+        val = _CONST[key] = make()
+    return val
+
+
+def ints(x):
+    """Per-frame metadata as a tuple of Python ints. A CUDA tensor costs a host sync here: pass
+    a range, a list or a tuple."""
+    return tuple(x.tolist()) if torch.is_tensor(x) else tuple(int(i) for i in x)
+
 
 def visible(time_q, role_q, time_k, role_k, cfg, causal):
     """Bool (Nq, Nk): may query token q attend to key token k? time = pair index, role 0 source,
     1 target. Bidirectional: all, but source never sees target unless cfg.src_sees_tgt.
-    Causal: key chunk <= query chunk, within the last cfg.window chunks or a sink chunk."""
+    Causal: key chunk <= query chunk, within the last cfg.window chunks or a sink chunk.
+    The reference rule; sees() is the same rule on Python ints."""
     ok = torch.ones(len(time_q), len(time_k), dtype=torch.bool, device=time_q.device)
     if not cfg.src_sees_tgt:
         ok &= ~((role_q[:, None] == 0) & (role_k[None, :] == 1))
@@ -123,47 +148,322 @@ def visible(time_q, role_q, time_k, role_k, cfg, causal):
     return ok
 
 
-class KVCache:
-    """Per-layer keys/values (after RoPE, absolute time positions) of the chunks already
-    generated, with their token metadata. Only passes with write=True append to it; a rolling
-    window keeps the last cfg.window chunks (plus sink chunks), so memory and per-frame cost
-    stay flat however long the stream."""
+def sees(cq, rq, ck, rk, cfg, causal=True):
+    """visible() for one query (chunk, role) and one key (chunk, role), in Python."""
+    if rq == 0 and rk == 1 and not cfg.src_sees_tgt:
+        return False
+    return not causal or ck <= cq and (cfg.window <= 0 or cq - ck < cfg.window or ck < cfg.sink)
 
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.k, self.v = [None] * cfg.depth, [None] * cfg.depth
-        self.time = self.role = None
+
+def sink_shift(cq, cfg):
+    """RoPE time shift (in pairs) of the sink chunks as seen from chunk cq. Once the window has
+    moved past them, the sinks sit right before its first chunk: the distance from a query to
+    the sink stays below (window + sink) chunks however long the stream, as in training, where
+    clips are short. 0 while there is no gap, i.e. always in clips of window + sink chunks."""
+    if cfg.window <= 0 or cfg.sink <= 0:
+        return 0
+    return cfg.chunk * max(0, cq - cfg.window + 1 - cfg.sink)
+
+
+def runs(pairs):
+    """[(a, b)] with both members counting up by one -> [(a0, a1, b0, b1)] maximal runs."""
+    out = []
+    for a, b in pairs:
+        if out and out[-1][1] == a and out[-1][3] == b:
+            out[-1][1], out[-1][3] = a + 1, b + 1
+        else:
+            out.append([a, a + 1, b, b + 1])
+    return [tuple(r) for r in out]
+
+
+# A forward without cache attends by groups of queries: groups ((query slice, key slice), ...),
+# an optional mask (one group only), extra keys (shifted copies of the sinks: (key slice,
+# cos, sin) appended to the keys), and the number of (query, key) token pairs it scores.
+Plan = namedtuple("Plan", "groups mask extra pairs")
+
+
+def full_plan(time, role, causal, cfg, L, device):
+    key = ("plan", time, role, causal, cfg.src_sees_tgt, cfg.chunk, cfg.window, cfg.sink, L,
+           cfg.dim // cfg.heads, str(device))
+    return const(key, lambda: _full_plan(time, role, causal, cfg, L, device))
+
+
+def _full_plan(time, role, causal, cfg, L, device):
+    Fr, N, ns = len(time), len(time) * L, role.count(0)
+    everything = (slice(None), slice(None))
+    if not causal and (cfg.src_sees_tgt or ns in (0, Fr)):
+        return Plan((everything,), None, (), N * N)
+    if not causal and role == (0,) * ns + (1,) * (Fr - ns):
+        # sources first: sources attend to sources, targets to everything; two unmasked calls
+        a = ns * L
+        return Plan(((slice(0, a), slice(0, a)), (slice(a, N), slice(None))), None, (), a * a + (N - a) * N)
+    # a dense mask from the same rule (block-causal, or unsorted roles), plus, for queries whose
+    # window has moved past the sinks, a copy of the sink keys at the shifted RoPE time
+    C = cfg.chunk
+    shift = [sink_shift(t // C, cfg) if causal else 0 for t in time]
+    sinks = [j for j in range(Fr) if time[j] // C < cfg.sink]
+    copies = [(j, s) for s in sorted(set(shift) - {0}) for j in sinks]
+    keys = [(j, 0) for j in range(Fr)] + copies
+
+    def ok(i, j, s):
+        if not sees(time[i] // C, role[i], time[j] // C, role[j], cfg, causal):
+            return False
+        return s == shift[i] or s == 0 and time[j] // C >= cfg.sink
+    m = torch.tensor([[ok(i, j, s) for j, s in keys] for i in range(Fr)])
+    mask = None if m.all() else m.repeat_interleave(L, 0).repeat_interleave(L, 1).to(device)
+    n_t = cfg.dim // cfg.heads // 8
+    extra, prev = [], None
+    for j, s in copies:
+        if prev and prev[1] == s and prev[0].stop == j * L:
+            prev = (slice(prev[0].start, (j + 1) * L), s)
+            extra[-1] = prev
+        else:
+            prev = (slice(j * L, (j + 1) * L), s)
+            extra.append(prev)
+    extra = tuple((sl, *time_rotation(s, n_t, device)) for sl, s in extra)
+    return Plan((everything,), mask, extra, N * (N + len(copies) * L))
+
+
+def attend(q, k, v, plan):
+    """Attention of q (B, H, N, Dh) on k, v as a Plan says; unmasked groups are Flash-eligible."""
+    if plan.extra:
+        k = torch.cat([k] + [rotate_time(k[:, :, sl], c, s) for sl, c, s in plan.extra], 2)
+        v = torch.cat([v] + [v[:, :, sl] for sl, _, _ in plan.extra], 2)
+    ys = [F.scaled_dot_product_attention(q[:, :, qs], k[:, :, ks], v[:, :, ks], attn_mask=plan.mask)
+          for qs, ks in plan.groups]
+    return ys[0] if len(ys) == 1 else torch.cat(ys, 2)
+
+
+def attention_pairs(cfg, T, causal=False):
+    """(query, key) token pairs the attention of one forward over T pairs scores (for FLOPs)."""
+    time, role = tuple(range(T)) * 2, (0,) * T + (1,) * T
+    return full_plan(time, role, causal, cfg, (cfg.size // cfg.patch) ** 2, "cpu").pairs
+
+
+# A KV-cached pass: writes (pass tokens -> buffer slots), query groups (query slice, key
+# selection: a slice of the buffers or an index tensor, and where this pass's own tokens sit
+# among those keys), the RoPE times of the pass relative to its chunk, whether the cache is in
+# its steady state (fixed layout: a CUDA graph can replay the pass), a key naming the layout.
+CachePlan = namedtuple("CachePlan", "chunk writes groups rel_time steady pairs key")
+
+
+class KVCache:
+    """Static per-layer key/value buffers of the chunks that a later query can still see: the
+    sink chunks and the last cfg.window chunks, so memory and per-frame cost stay flat however
+    long the stream. Only passes with write=True make their frames part of the cache.
+
+    Layout of each buffer (B, H, slots, Dh), in frame slots of L tokens: target frames to the
+    left and source frames to the right of a centre M, chunks in time order outward from it
+    (sinks innermost). When the window moves on, the oldest window chunk is dropped and the
+    rest move inward by one chunk, so the newest chunk always sits at the outer edges: every
+    query attends to one contiguous slice (targets: all; sources: the right half) with no mask,
+    and in the steady state every pass has the same layout (CUDA graphs, graphs=True).
+
+    RoPE: keys are stored rotated in space (a per-token rotation, camera RoPE included, applied
+    once when written) and in time relative to the current chunk; their raw time channels are
+    kept too, so when a new chunk starts the time rotation is redone for the new positions.
+    Relative positions keep angles small in long streams, and sink chunks that the window left
+    behind sit right before it (sink_shift), so the distance to a sink is bounded as in training.
+    """
+
+    def __init__(self, cfg, graphs=False):
+        self.cfg, self.graphs = cfg, graphs
+        self.L = (cfg.size // cfg.patch) ** 2
+        self.k, self.v, self.kt = [None] * cfg.depth, [None] * cfg.depth, [None] * cfg.depth
+        self.chunks = []            # chunks held, in time order; the last one is the current chunk
+        self.written = set()        # (chunk, role) whose frames were written
+        self.cur, self.n = None, 0  # current chunk and its number of frames (chunk, or fewer at the end)
+        self.M = cfg.chunk * (cfg.window + cfg.sink if cfg.window > 0 else 4)   # centre (frame slots)
+        self._graphs, self._pool = {}, None
 
     def __len__(self):
-        return 0 if self.time is None else len(self.time)
+        """Tokens written and still visible to a later query."""
+        return self.L * sum(self.n if c == self.cur else self.cfg.chunk for c, _ in self.written)
 
-    def extend(self, time, role):
-        """Called once all layers appended the tokens of a written pass; then trim the window."""
-        cat = lambda a, b: b if a is None else torch.cat([a, b])
-        self.time, self.role = cat(self.time, time), cat(self.role, role)
-        if self.cfg.window > 0:
-            ck, cur = self.time // self.cfg.chunk, int(time.max()) // self.cfg.chunk
-            keep = (ck > cur - self.cfg.window) | (ck < self.cfg.sink)  # visible() masks the rest
-            if not keep.all():
-                idx = keep.nonzero().squeeze(1)
-                self.time, self.role = self.time[idx], self.role[idx]
-                self.k = [k.index_select(2, idx) for k in self.k]
-                self.v = [v.index_select(2, idx) for v in self.v]
+    def slot(self, c, r, f):
+        """Frame slot of frame f of chunk c (held), role r."""
+        j, n = self.chunks.index(c), self.n if c == self.cur else self.cfg.chunk
+        return self.M - j * self.cfg.chunk - n + f if r == 1 else self.M + j * self.cfg.chunk + f
+
+    def begin(self, time, role, write):
+        """Python bookkeeping of a pass over frames (time, role) of one chunk -> CachePlan. On the
+        first pass of a new chunk the buffers move (drop chunks no query sees any more) and the
+        cached keys are rotated to their new relative times."""
+        cfg, C, L = self.cfg, self.cfg.chunk, self.L
+        cq = time[0] // C
+        if any(t // C != cq for t in time):
+            raise ValueError(f"a cached pass holds frames of one chunk, got pairs {time}")
+        n = max(time) - cq * C + 1
+        if cq != self.cur:
+            self._advance(cq, n)
+        elif n > self.n:
+            raise ValueError(f"chunk {cq} has {self.n} frames, got frame {max(time)}")
+        if not write and any((cq, r) in self.written for r in role):
+            raise ValueError(f"a pass without write on chunk {cq} after it was written")
+        slots = [self.slot(cq, r, t - cq * C) for t, r in zip(time, role)]
+        writes = tuple((slice(a0 * L, a1 * L), slice(s0 * L, s1 * L)) for a0, a1, s0, s1 in runs(zip(range(len(time)), slots)))
+        # query groups: runs of one role (one group if all see the same keys)
+        qruns = [[0, len(time), 1]] if cfg.src_sees_tgt or len(set(role)) == 1 else []
+        if not qruns:
+            for i, r in enumerate(role):
+                if qruns and qruns[-1][2] == r:
+                    qruns[-1][1] = i + 1
+                else:
+                    qruns.append([i, i + 1, r])
+        groups, pairs, key = [], 0, [tuple((w.start, w.stop) for w, _ in writes), time[0] - cq * C]
+        held = [(c, r) for c, r in self.written if c != cq or r not in role]
+        for i0, i1, _ in qruns:
+            rq = role[i0]                                                 # (with src_sees_tgt, any role)
+            ks = {self.slot(c, r, f) for c, r in held if sees(cq, rq, c, r, cfg)
+                  for f in range(self.n if c == cq else C)}
+            ks |= {s for s, r in zip(slots, role) if sees(cq, rq, cq, r, cfg)}
+            ks = sorted(ks)
+            if ks[-1] - ks[0] + 1 == len(ks):
+                sel = slice(ks[0] * L, (ks[-1] + 1) * L)
+            else:
+                dev = self.v[0].device if self.v[0] is not None else "cpu"
+                sel = const(("slots", tuple(ks), L, str(dev)),
+                            lambda: (torch.tensor(ks, device=dev)[:, None] * L + torch.arange(L, device=dev)).flatten())
+            pos = {s: p for p, s in enumerate(ks)}
+            cur = tuple((slice(a0 * L, a1 * L), slice(p0 * L, p1 * L))
+                        for a0, a1, p0, p1 in runs((i, pos[s]) for i, (s, r) in enumerate(zip(slots, role))
+                                                   if sees(cq, rq, cq, r, cfg)))
+            groups.append((slice(i0 * L, i1 * L), sel, cur))
+            pairs += (i1 - i0) * L * len(ks) * L
+            key.append((i0, i1, tuple(ks)))
+        rel = tuple(t - cq * C for t in time)
+        steady = cfg.window > 0 and len(self.chunks) == cfg.window + cfg.sink and self.n == C
+        return CachePlan(cq, writes, tuple(groups), rel, steady, pairs, (tuple(key), rel, role))
+
+    def end(self, plan, role, write):
+        """After the pass: its frames become part of the cache if written; once both roles of a
+        chunk are written, chunks that no later query sees are dropped (exact trimming)."""
+        if write:
+            self.written |= {(plan.chunk, r) for r in role}
+            if {(plan.chunk, 0), (plan.chunk, 1)} <= self.written:
+                self.written = {(c, r) for c, r in self.written if sees(plan.chunk + 1, 1, c, r, self.cfg)}
+
+    def _advance(self, cq, n):
+        cfg, C, L = self.cfg, self.cfg.chunk, self.L
+        if self.cur is not None and cq <= self.cur:
+            raise ValueError(f"chunk {cq} after chunk {self.cur}: a KV cache runs forward in time")
+        if self.cur is not None and self.n < C:
+            raise ValueError(f"chunk {cq} after the partial chunk {self.cur} ({self.n} of {C} frames)")
+        keep = [c for c in self.chunks if sees(cq, 1, c, 1, cfg) and any((c, r) in self.written for r in (0, 1))]
+        self.written = {(c, r) for c, r in self.written if c in keep}
+        if (len(keep) + 1) * C > self.M:                                  # no window: grow
+            self._grow(max(2 * self.M, (len(keep) + 1) * C))
+        M, old = self.M, {c: j for j, c in enumerate(self.chunks)}
+        moves = runs((old[c], j) for j, c in enumerate(keep))             # runs of chunks moving together
+        self.chunks, self.cur, self.n = keep + [cq], cq, n
+        if self.v[0] is None:
+            return
+        spans = []
+        for jo0, jo1, jn0, jn1 in moves:
+            if jo0 != jn0:                                                # target side, then source side
+                spans.append((slice((M - jo1 * C) * L, (M - jo0 * C) * L), slice((M - jn1 * C) * L, (M - jn0 * C) * L)))
+                spans.append((slice((M + jo0 * C) * L, (M + jo1 * C) * L), slice((M + jn0 * C) * L, (M + jn1 * C) * L)))
+        for bufs in (self.k, self.kt, self.v):
+            for b in bufs:
+                for src, dst in spans:
+                    b[:, :, dst] = b[:, :, src].clone()
+        # new relative RoPE times of the held keys: time channels re-rotated from the raw ones
+        j = len(keep)
+        if j:
+            shift = sink_shift(cq, cfg)
+            times = [0] * (2 * j * C)
+            for i, c in enumerate(keep):
+                for f in range(C):
+                    t = c * C + f + (shift if c < cfg.sink else 0) - cq * C
+                    times[j * C - i * C - C + f], times[j * C + i * C + f] = t, t
+            dev, n_t = self.v[0].device, self.kt[0].shape[-1] // 2
+            cos, sin = const(("krot", tuple(times), L, n_t, str(dev)), lambda: time_rotation(
+                torch.tensor(times, device=dev).repeat_interleave(L), n_t, dev))
+            span = slice((M - j * C) * L, (M + j * C) * L)
+            for k, kt in zip(self.k, self.kt):
+                k[:, :, span, :2 * n_t] = apply_rope(kt[:, :, span], cos, sin).to(k.dtype)
+
+    def _grow(self, M):
+        off = (M - self.M) * self.L
+        for bufs in (self.k, self.kt, self.v):
+            for i, b in enumerate(bufs):
+                if b is not None:
+                    new = b.new_zeros(b.shape[:2] + (2 * M * self.L, b.shape[3]))
+                    new[:, :, off:off + b.shape[2]] = b
+                    bufs[i] = new
+        self.M = M
+
+    def attend(self, layer, q, k, kt, v, plan):
+        """Write this pass's keys and values (k rotated, kt its raw time channels) into their
+        slots, then attend to the keys of each query group: slices of the buffers, no mask.
+        With gradients, the keys are a copy whose own-pass part carries them."""
+        if self.v[layer] is None:
+            shape = (v.shape[0], v.shape[1], 2 * self.M * self.L)
+            self.k[layer], self.v[layer] = v.new_zeros(shape + (k.shape[3],)), v.new_zeros(shape + (v.shape[3],))
+            self.kt[layer] = v.new_zeros(shape + (kt.shape[3],))
+        K, KT, V = self.k[layer], self.kt[layer], self.v[layer]
+        for ps, ss in plan.writes:
+            K[:, :, ss], KT[:, :, ss], V[:, :, ss] = k[:, :, ps].detach(), kt[:, :, ps].detach(), v[:, :, ps].detach()
+        ys = []
+        for qs, sel, cur in plan.groups:
+            kk, vv = K[:, :, sel], V[:, :, sel]
+            if q.requires_grad:
+                kk, vv = kk.clone(), vv.clone()
+                for ps, ks in cur:
+                    kk[:, :, ks], vv[:, :, ks] = k[:, :, ps], v[:, :, ps]
+            ys.append(F.scaled_dot_product_attention(q[:, :, qs], kk, vv))
+        return ys[0] if len(ys) == 1 else torch.cat(ys, 2)
+
+    def replay(self, run, plan, *args):
+        """run(*args) through a CUDA graph captured for this layout (steady state, no grad): the
+        pass's tensor work is the same for every chunk, only the inputs change. Captured on first
+        use after one warm-up run (a pass is idempotent: it rewrites its own slots)."""
+        key = (plan.key, tuple(a.shape for a in args), args[0].dtype,
+               torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        if key not in self._graphs:
+            self._pool = self._pool or torch.cuda.graph_pool_handle()
+            static = [a.clone() for a in args]
+            ac = dict(device_type="cuda", dtype=key[4], enabled=key[3], cache_enabled=False)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.autocast(**ac):
+                run(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool), torch.autocast(**ac):
+                out = run(*static)
+            self._graphs[key] = (graph, static, out, plan)
+        graph, static, out, _ = self._graphs[key]
+        for s, a in zip(static, args):
+            s.copy_(a)
+        graph.replay()
+        return out.clone()
 
 # -----------------------------------------------------------------------------
-# modules
+# RoPE and modules
+
+def rope_freqs(n, device, base=10000.0):
+    return base ** (-torch.arange(n, device=device, dtype=torch.float32) / n)
+
 
 def rope_angles(time, row, col, head_dim, base=10000.0):
-    """3D RoPE angles (..., N, head_dim / 2): a quarter of the rotary pairs for time, the rest
-    split between row and column. time (N,); row, col (N,) or per head (B, H, N), fractional
-    positions allowed."""
+    """3D RoPE angles (..., N, head_dim / 2): a quarter of the rotary pairs (the first ones) for
+    time, the rest split between row and column. time (N,); row, col (N,) or per head (B, H, N),
+    fractional positions allowed."""
     n_t = head_dim // 8                     # rotary pairs for time (a quarter of the channels)
     n_h = (head_dim // 2 - n_t) // 2
     n_w = head_dim // 2 - n_t - n_h
-    f = lambda n: base ** (-torch.arange(n, device=time.device, dtype=torch.float32) / n)
+    f = lambda n: rope_freqs(n, time.device, base)
     a_h, a_w = row[..., None].float() * f(n_h), col[..., None].float() * f(n_w)
     a_t = (time[:, None].float() * f(n_t)).expand(a_h.shape[:-1] + (n_t,))
     return torch.cat([a_t, a_h, a_w], -1)
+
+
+def time_rotation(time, n_t, device):
+    """(cos, sin) of the time angles of RoPE for times (N,) (or one int) -> (N, n_t) (or (n_t,))."""
+    t = torch.as_tensor(time, device=device, dtype=torch.float32)
+    a = t[..., None] * rope_freqs(n_t, device)
+    return a.cos(), a.sin()
 
 
 def plane_positions(cam, cfg):
@@ -179,16 +479,18 @@ def plane_positions(cam, cfg):
     only, so the KV cache stays exact."""
     m, d = cam[:, :, :3], cam[:, :, 3:]                                          # (B, F, 3, H, W)
     o = torch.cross(d, m, dim=2)                                                 # ray point nearest the origin
-    rho = torch.tensor(cfg.cam_rope, device=cam.device, dtype=cam.dtype).view(1, -1, 1, 1, 1)
+    dev, P = cam.device, len(cfg.cam_rope)
+    rho = const(("rho", cfg.cam_rope, str(dev), cam.dtype),
+                lambda: torch.tensor(cfg.cam_rope, device=dev, dtype=cam.dtype).view(1, -1, 1, 1, 1))
     dz = d[:, None, :, 2].clamp(min=0.05)                                        # (B, 1, F, H, W)
     # the ray meets z = 1/rho at o + (1/rho - o_z) / d_z d, which projects to x/z = rho o_x + (1 - rho o_z) d_x / d_z
     ox, oy, oz = (o[:, None, :, i] for i in range(3))
     u = rho * ox + (1 - rho * oz) * d[:, None, :, 0] / dz                      # (B, P, F, H, W)
     v = rho * oy + (1 - rho * oz) * d[:, None, :, 1] / dz
-    g, P = cfg.size // cfg.patch, len(cfg.cam_rope)
+    g = cfg.size // cfg.patch
     pool = lambda z: F.avg_pool2d(z.flatten(0, 2), cfg.patch).view(z.shape[0], P, -1)   # (B, P, F * L)
     col, row = g * (pool(u) + 0.5) - 0.5, g * (pool(v) + 0.5) - 0.5
-    head = torch.arange(cfg.heads, device=cam.device) % P
+    head = const(("heads", cfg.heads, P, str(dev)), lambda: torch.arange(cfg.heads, device=dev) % P)
     return row[:, head], col[:, head]                                            # (B, heads, F * L)
 
 
@@ -196,6 +498,13 @@ def apply_rope(x, cos, sin):
     """Rotate channel pairs (2i, 2i+1) of x (B, H, N, Dh) by the angles (N, Dh/2)."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+
+
+def rotate_time(x, cos, sin):
+    """Rotate the time channels of x (..., Dh) (the first 2 n_t, see rope_angles) further by
+    the angles (cos, sin) (..., n_t)."""
+    n = 2 * cos.shape[-1]
+    return torch.cat([apply_rope(x[..., :n], cos, sin).to(x.dtype), x[..., n:]], -1)
 
 
 class Attention(nn.Module):
@@ -207,16 +516,13 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.dim // cfg.heads, eps=1e-6)  # qk-norm keeps logits tame
         self.k_norm = nn.RMSNorm(cfg.dim // cfg.heads, eps=1e-6)
 
-    def forward(self, x, rope, mask, cache=None, layer=0, write=False):
+    def forward(self, x, rope, plan, cache=None, layer=0):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
-        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
-        if cache is not None:
-            if cache.k[layer] is not None:                       # earlier chunks come first
-                k, v = torch.cat([cache.k[layer], k], 2), torch.cat([cache.v[layer], v], 2)
-            if write:
-                cache.k[layer], cache.v[layer] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)            # (B, H, N, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)
+        kt = k[..., :2 * (k.shape[-1] // 8)]                                     # time channels, unrotated (cache)
+        q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)   # RoPE in float32, back
+        y = attend(q, k, v, plan) if cache is None else cache.attend(layer, q, k, kt, v, plan)  # (B, H, N, Dh)
         return self.proj(y.transpose(1, 2).reshape(B, N, D))
 
 
@@ -232,19 +538,20 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.dim))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
 
-    def forward(self, x, c, rope, mask, cache=None, layer=0, write=False):
+    def forward(self, x, c, rope, plan, cache=None, layer=0):
         B, Fr, L, D = x.shape                                                    # (B, F, L, D)
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, :, None].chunk(6, -1)      # each (B, F, 1, D)
         h = (self.norm1(x) * (1 + sc1) + sh1).reshape(B, Fr * L, D)
-        x = x + g1 * self.attn(h, rope, mask, cache, layer, write).view(B, Fr, L, D)
+        x = x + g1 * self.attn(h, rope, plan, cache, layer).view(B, Fr, L, D)
         x = x + g2 * self.mlp(self.norm2(x) * (1 + sc2) + sh2)
         return x
 
 
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000), (...,) -> (..., dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    half, dev = dim // 2, t.device
+    freqs = const(("temb", dim, max_period, str(dev)), lambda: torch.exp(
+        -math.log(max_period) * torch.arange(half, device=dev, dtype=torch.float32) / half))
     args = 1000 * t[..., None].float() * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], -1)
 
@@ -263,6 +570,7 @@ class RealCamDiT(nn.Module):
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.out = nn.Linear(D, 3 * p * p)
+        self.compiled = None                                                     # see compile_blocks
         self.init_weights()
 
     def init_weights(self):
@@ -284,53 +592,119 @@ class RealCamDiT(nn.Module):
     def unpatchify(self, x):  # (B, F, L, 3 p p) -> (B, F, 3, H, W)
         return rearrange(x, "b f (h w) (c p q) -> b f c (h p) (w q)", h=self.grid, p=self.cfg.patch, q=self.cfg.patch)
 
-    def forward_frames(self, x, cam, t, time, role, causal, cache=None, write=False):
-        """Core forward over F frames with per-frame metadata.
-        x (B, F, 3, H, W) pixels or noisy x_t; cam (B, F, 6, H, W); t (B, F) noise levels;
-        time (F,) pair index (absolute); role (F,) 0 source / 1 target.
-        With a cache, the frames attend to the cached tokens too; write=True appends them.
-        Returns the network's prediction (B, F, 3, H, W): v, or x0 (cfg.pred); to_x0 converts."""
-        B, Fr = x.shape[:2]
-        L, g = self.grid ** 2, self.grid
+    def rope(self, time, cam):
+        """RoPE (cos, sin) of every token: time = pair index; rows and columns on the patch grid
+        (a table made once per layout), or where the token's rays land in the source image
+        (camera RoPE, per token and head)."""
+        cfg, g, dev = self.cfg, self.grid, cam.device
+        L, Dh = g * g, cfg.dim // cfg.heads
+        tok_time = const(("tok_time", time, L, str(dev)), lambda: torch.tensor(time, device=dev).repeat_interleave(L))
+        if cfg.cam_rope:
+            ang = rope_angles(tok_time, *plane_positions(cam, cfg), Dh)               # (B, H, N, Dh / 2)
+            return ang.cos(), ang.sin()
+
+        def grid_rope():
+            rows = torch.arange(g, device=dev).repeat_interleave(g).repeat(len(time))
+            cols = torch.arange(g, device=dev).repeat(g * len(time))
+            ang = rope_angles(tok_time, rows, cols, Dh)                                 # (N, Dh / 2)
+            return ang.cos(), ang.sin()
+        return const(("rope", time, g, Dh, str(dev)), grid_rope)
+
+    def run(self, x, cam, t, time, role, plan, cache=None):
+        """The tensor work of a forward, given its metadata (Python tuples) and attention plan."""
+        dev = x.device
         h = self.patch_embed(self.patchify(torch.cat([x, cam], 2)))             # (B, F, L, D)
-        h = h + self.role_embed[role][None, :, None]
+        h = h + self.role_embed[const(("role", role, str(dev)), lambda: torch.tensor(role, device=dev))][None, :, None]
         c = self.t_embed(timestep_embedding(t, 256))                             # (B, F, D)
-        # token metadata and RoPE: time = pair index; rows and columns on the patch grid, or
-        # where the token's rays land in the source image (camera RoPE)
-        tok_time, tok_role = time.repeat_interleave(L), role.repeat_interleave(L)  # (N,)
-        if self.cfg.cam_rope:
-            rows, cols = plane_positions(cam, self.cfg)                          # (B, heads, N)
+        rope = self.rope(time, cam)
+        if cache is None and self.compiled:
+            for blk in self.compiled:
+                h = blk(h, c, rope, plan)
         else:
-            rows = torch.arange(g, device=x.device).repeat_interleave(g).repeat(Fr)
-            cols = torch.arange(g, device=x.device).repeat(g * Fr)
-        ang = rope_angles(tok_time, rows, cols, self.cfg.dim // self.cfg.heads)  # (N or B, H, N, Dh / 2)
-        rope = (ang.cos(), ang.sin())
-        if cache is not None and len(cache):
-            mask = visible(tok_time, tok_role, torch.cat([cache.time, tok_time]),
-                           torch.cat([cache.role, tok_role]), self.cfg, causal)
-        else:
-            mask = visible(tok_time, tok_role, tok_time, tok_role, self.cfg, causal)
-        mask = None if mask.all() else mask
-        for i, blk in enumerate(self.blocks):
-            h = blk(h, c, rope, mask, cache, i, write)
-        if cache is not None and write:
-            cache.extend(tok_time, tok_role)
+            for i, blk in enumerate(self.blocks):
+                h = blk(h, c, rope, plan, cache, i)
         sh, sc = self.ada_out(c)[:, :, None].chunk(2, -1)
         return self.unpatchify(self.out(self.norm_out(h) * (1 + sc) + sh))     # (B, F, 3, H, W)
 
+    def forward_frames(self, x, cam, t, time, role, causal, cache=None, write=False):
+        """Core forward over F frames with per-frame metadata.
+        x (B, F, 3, H, W) pixels or noisy x_t; cam (B, F, 6, H, W); t (B, F) noise levels;
+        time (F,) pair index (absolute), role (F,) 0 source / 1 target: Python ranges, lists or
+        tuples (a CUDA tensor costs a host sync).
+        With a cache (causal only), the frames (one chunk) attend to the cached tokens too;
+        write=True makes them part of the cache.
+        Returns the network's prediction (B, F, 3, H, W): v, or x0 (cfg.pred); to_x0 converts."""
+        time, role = ints(time), ints(role)
+        if cache is None:
+            plan = full_plan(time, role, causal, self.cfg, self.grid ** 2, x.device)
+            return self.run(x, cam, t, time, role, plan)
+        assert causal, "a KV-cached pass is block-causal"
+        plan = cache.begin(time, role, write)
+        run = lambda x, cam, t: self.run(x, cam, t, plan.rel_time, role, plan, cache)
+        if cache.graphs and x.is_cuda and plan.steady and not torch.is_grad_enabled():
+            out = cache.replay(run, plan, x, cam, t)
+        else:
+            out = run(x, cam, t)
+        cache.end(plan, role, write)
+        return out
+
     def forward(self, src, xt, cam_src, cam_tgt, t, causal=False, time0=0):
-        """Full forward over T interleaved pairs [s0, t0, s1, t1, ...].
+        """Full forward over T synchronized pairs, laid out sources first [s0 .. s_T-1, t0 .. t_T-1]
+        (attention depends on positions and roles, not on the order of the sequence).
         src, xt (B, T, 3, H, W): clean source, noisy target; cam_* (B, T, 6, H, W);
         t (B, T) noise level of each target (sources are always clean, t = 0).
         Returns the prediction (v or x0, cfg.pred) for the targets (B, T, 3, H, W)."""
         B, T = src.shape[:2]
         assert not causal or time0 % self.cfg.chunk == 0, "a causal forward starts on a chunk boundary"
-        x = torch.stack([src, xt], 2).flatten(1, 2)                               # (B, 2T, 3, H, W)
-        cam = torch.stack([cam_src, cam_tgt], 2).flatten(1, 2)
-        tt = torch.stack([torch.zeros_like(t), t], 2).flatten(1, 2)               # (B, 2T)
-        time = torch.arange(T, device=src.device).repeat_interleave(2) + time0
-        role = torch.tensor([0, 1], device=src.device).repeat(T)
-        return self.forward_frames(x, cam, tt, time, role, causal)[:, 1::2]
+        x, cam = torch.cat([src, xt], 1), torch.cat([cam_src, cam_tgt], 1)       # (B, 2T, C, H, W)
+        tt = torch.cat([torch.zeros_like(t), t], 1)                               # (B, 2T)
+        time, role = tuple(range(time0, time0 + T)) * 2, (0,) * T + (1,) * T
+        return self.forward_frames(x, cam, tt, time, role, causal)[:, T:]
+
+
+def compile_blocks(model, **kw):
+    """torch.compile each transformer block (nearly all the work) for forwards without a KV
+    cache. Masks, RoPE tables and plans are made in Python outside the compiled code, so the
+    blocks compile without graph breaks; parameter names and checkpoints do not change. Under
+    DDP, call it before wrapping the model."""
+    model.compiled = [torch.compile(b, **kw) for b in model.blocks]
+    return model
+
+
+def autocast_for(device, dtype=torch.bfloat16):
+    """Mixed precision for a device: bf16 autocast on CUDA; float32 on the CPU (bf16 matrix
+    products are about 100x slower on the project's CPUs). `with autocast_for(dev): ...`"""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=dtype, enabled=kind == "cuda")
+
+
+def check_device(name):
+    """'cpu', 'cuda' or 'cuda:N' usable here -> name; else ValueError with one line saying why."""
+    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", name)
+    if not m:
+        raise ValueError(f"unknown device '{name}': use cpu, cuda or cuda:N")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if m.group(1) and int(m.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def peak_flops(device_name):
+    """Peak dense bf16 FLOP/s of a known GPU, for MFU (None if unknown): H100 SXM 989e12, H100
+    PCIe 756e12, H100 NVL 835e12, H200 and GH200 989e12, A100 312e12."""
+    n = device_name.upper()
+    if "H100" in n:
+        return 756e12 if "PCIE" in n else 835e12 if "NVL" in n else 989e12
+    if "H200" in n:
+        return 989e12
+    if "A100" in n:
+        return 312e12
+    return None
 
 # -----------------------------------------------------------------------------
 # samplers
@@ -356,33 +730,34 @@ def student_timesteps(steps, shift):
 
 
 def chunk_pass(model, cache, src, x, cam_src, cam_tgt, t, time, write):
-    """One KV-cached pass of a chunk's targets x (B, n, 3, H, W) at noise level t (B, n).
-    If source tokens never see targets, the chunk's source frames were written to the cache
-    already (once, see student_chunk) and only the targets run; otherwise both run as pairs."""
-    B, n = x.shape[:2]
-    ones = torch.ones(n, dtype=torch.long, device=x.device)
+    """One KV-cached pass of a chunk's targets x (B, n, 3, H, W) at noise level t (B, n), time
+    the chunk's pair indices (Python ints). If source tokens never see targets, the chunk's
+    source frames were written to the cache already (once, see student_chunk) and only the
+    targets run; otherwise sources and targets run together."""
+    n = x.shape[1]
     if not model.cfg.src_sees_tgt:
-        return model.forward_frames(x, cam_tgt, t, time, ones, True, cache, write)
-    pair = lambda a, b: torch.stack([a, b], 2).flatten(1, 2)
-    out = model.forward_frames(pair(src, x), pair(cam_src, cam_tgt), pair(torch.zeros_like(t), t),
-                               time.repeat_interleave(2), torch.stack([0 * ones, ones], 1).flatten(), True, cache, write)
-    return out[:, 1::2]
+        return model.forward_frames(x, cam_tgt, t, time, (1,) * n, True, cache, write)
+    out = model.forward_frames(torch.cat([src, x], 1), torch.cat([cam_src, cam_tgt], 1),
+                               torch.cat([torch.zeros_like(t), t], 1), time * 2, (0,) * n + (1,) * n, True, cache, write)
+    return out[:, n:]
 
 
 def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_step=None):
     """Generate one chunk of n target frames with the student's KV cache, in diffusion space.
-    src (B, n, 3, H, W), cam_* (B, n, 6, H, W), time (n,) absolute pair indices,
-    noise (steps, B, n, 3, H, W): the starting noise and the fresh noise of each re-noising.
+    src (B, n, 3, H, W), cam_* (B, n, 6, H, W), time (n,) absolute pair indices (a range or a
+    list; a CUDA tensor costs one host sync), noise (steps, B, n, 3, H, W): the starting noise
+    and the fresh noise of each re-noising.
     Runs steps 0..exit_step (default: all); only the last of them keeps gradients (when grad
     is enabled), then a t = 0 pass without gradient writes the chunk's clean keys and values."""
     B, n = src.shape[:2]
+    time = ints(time)
     ts = student_timesteps(steps, model.cfg.shift)
     last = steps - 1 if exit_step is None else exit_step
     grad = torch.is_grad_enabled()
     zeros = torch.zeros(B, n, device=src.device)
     with torch.no_grad():
         if not model.cfg.src_sees_tgt:                                       # encode the source once
-            model.forward_frames(src, cam_src, zeros, time, 0 * time, True, cache, True)
+            model.forward_frames(src, cam_src, zeros, time, (0,) * n, True, cache, True)
     x = noise[0]
     for j in range(last + 1):
         with torch.set_grad_enabled(grad and j == last):
@@ -406,8 +781,8 @@ def student_sample(model, src, cam_src, cam_tgt, steps=4, generator=None, cache=
         sl = slice(c0, min(T, c0 + cfg.chunk))
         n = sl.stop - sl.start
         noise = torch.randn((steps, B, n) + src.shape[2:], generator=generator, device=src.device)
-        time = torch.arange(sl.start, sl.stop, device=src.device) + time0
-        x0 = student_chunk(model, cache, src[:, sl], cam_src[:, sl], cam_tgt[:, sl], time, steps, noise)
+        x0 = student_chunk(model, cache, src[:, sl], cam_src[:, sl], cam_tgt[:, sl],
+                           range(sl.start + time0, sl.stop + time0), steps, noise)
         out.append(decode_target(x0, src[:, sl], cfg))
     return torch.cat(out, 1)
 
@@ -418,15 +793,18 @@ def num_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_forward(cfg, frames, ctx_frames=None):
-    """Forward FLOPs for `frames` frames attending to `ctx_frames` frames (default: the same):
-    2 x (weight multiply-adds) per token, plus attention scores and values."""
-    N = frames * (cfg.size // cfg.patch) ** 2
-    Nk = (frames if ctx_frames is None else ctx_frames) * (cfg.size // cfg.patch) ** 2
+def flops_per_forward(cfg, frames, ctx_frames=None, attn_pairs=None):
+    """Forward FLOPs for `frames` frames: 2 x (weight multiply-adds) per token, plus 4 D FLOPs
+    (q.k and the weighted sum of v) per scored (query, key) token pair and layer: attn_pairs of
+    them (attention_pairs: what the model's attention really scores), by default every token
+    against every token of `ctx_frames` frames (default: the same frames)."""
+    L = (cfg.size // cfg.patch) ** 2
+    N = frames * L
+    pairs = attn_pairs if attn_pairs is not None else N * (frames if ctx_frames is None else ctx_frames) * L
     D, Hd = cfg.dim, int(cfg.dim * cfg.mlp_ratio)
     per_token = cfg.depth * (4 * D * D + 2 * D * Hd) + D * (3 + cfg.cam_channels) * cfg.patch ** 2 + D * 3 * cfg.patch ** 2
     per_frame = cfg.depth * 6 * D * D + 2 * D * D + 256 * D + D * D             # adaLN, t embedding
-    return 2 * (N * per_token + frames * per_frame) + cfg.depth * 4 * N * Nk * D
+    return 2 * (N * per_token + frames * per_frame) + cfg.depth * 4 * pairs * D
 
 
 def save_checkpoint(path, **state):
