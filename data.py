@@ -419,12 +419,12 @@ def source_path(n, gen):
 
 
 def render_clip(seed, n, H, W, rel=None, zoom=None, src_c2w=None, t0=0.0, ss=2, gen=None, fx=1.0, frozen=False,
-                depth=True):
+                depth=True, device="cpu"):
     """Render a synchronized (source, target) clip of n frames of scene `seed` (frozen: no
     object moves). Returns a dict: src, tgt (n, 3, H, W), rel (n, 4, 4), K_src, K_tgt (n, 4),
-    and (if depth) depth_src, depth_tgt (n, H, W)."""
+    and (if depth) depth_src, depth_tgt (n, H, W), all on `device` (the renderer runs there)."""
     gen = gen if gen is not None else torch.Generator().manual_seed(int(seed) + 1)
-    scene = make_scene(seed)
+    scene = make_scene(seed, device)
     if frozen:
         scene["amp"].zero_()
     src_c2w = src_c2w if src_c2w is not None else source_path(n, gen)
@@ -435,15 +435,16 @@ def render_clip(seed, n, H, W, rel=None, zoom=None, src_c2w=None, t0=0.0, ss=2, 
     K_tgt = K_src.clone()
     K_tgt[:, :2] *= zoom[:, None]
     time = t0 + torch.arange(n, dtype=torch.float32) / FPS
-    rgb, z = render(scene, torch.cat([src_c2w, src_c2w @ rel]), torch.cat([K_src, K_tgt]),
-                    torch.cat([time, time]), H, W, ss, depth)
-    clip = dict(src=rgb[:n], tgt=rgb[n:], rel=rel, K_src=K_src, K_tgt=K_tgt)
+    rgb, z = render(scene, torch.cat([src_c2w, src_c2w @ rel]).to(device), torch.cat([K_src, K_tgt]).to(device),
+                    torch.cat([time, time]).to(device), H, W, ss, depth)
+    clip = dict(src=rgb[:n], tgt=rgb[n:], rel=rel.to(device), K_src=K_src.to(device), K_tgt=K_tgt.to(device))
     return clip if z is None else dict(clip, depth_src=z[:n], depth_tgt=z[n:])
 
 
-def sample_clip(seed, n, H, W, ss=2):
+def sample_clip(seed, n, H, W, ss=2, device="cpu"):
     """One training clip: random scene, random source motion, and a target path drawn from
-    a preset family (random magnitude, random window of a longer path) or a random smooth path."""
+    a preset family (random magnitude, random window of a longer path) or a random smooth path.
+    Rendered on `device` (the training device: rendering on the CPU would starve a GPU)."""
     g = torch.Generator().manual_seed(int(seed))
     long = n + int(torch.randint(0, 16, (1,), generator=g))
     if torch.rand(1, generator=g) < 0.5:
@@ -454,7 +455,7 @@ def sample_clip(seed, n, H, W, ss=2):
     start = int(torch.randint(0, long - n + 1, (1,), generator=g))
     fx = 0.8 + 0.4 * torch.rand(1, generator=g).item()
     return render_clip(seed, n, H, W, rel[start:start + n], zoom[start:start + n], ss=ss, gen=g,
-                       t0=start / FPS, fx=fx, depth=False)
+                       t0=start / FPS, fx=fx, depth=False, device=device)
 
 
 def rng(*ints):
@@ -468,15 +469,24 @@ def collate(clips, keys=("src", "tgt", "rel", "K_src", "K_tgt")):
     return {k: torch.stack([c[k] for c in clips]) for k in keys}
 
 
-def synthetic_batch(step, pairs, max_pairs, H, W, seed=0, rank=0):
+def clip_length(step, max_pairs, seed=0):
+    """Pairs a clip (1..max_pairs) at a training step, the same for every process: the draw of
+    rank 0's generator, so the ranks of a DDP step carry equal work (none waits for a longer
+    clip) and a single process keeps the stream it always had."""
+    return int(torch.randint(1, max_pairs + 1, (1,), generator=rng(seed, step, 0)))
+
+
+def synthetic_batch(step, pairs, max_pairs, H, W, seed=0, rank=0, device="cpu"):
     """The batch of training step `step`: a pure function of (seed, step, rank), so resumed runs
-    see exactly the data an uninterrupted run would. T pairs a clip (1..max_pairs) and
-    pairs // T clips, so every step carries about the same number of tokens."""
+    see exactly the data an uninterrupted run would. T pairs a clip (clip_length: shared by all
+    ranks) and pairs // T clips, so every step carries about the same number of tokens.
+    Rendered on `device`."""
     g = rng(seed, step, rank)
-    T = int(torch.randint(1, max_pairs + 1, (1,), generator=g))
+    T = int(torch.randint(1, max_pairs + 1, (1,), generator=g))   # rank 0's draw is every rank's T
+    T = clip_length(step, max_pairs, seed) if rank else T
     B = max(1, pairs // T)
     seeds = torch.randint(0, 2 ** 31 - 1, (B,), generator=g).tolist()   # training scenes < 2**31
-    return collate([sample_clip(s, T, H, W) for s in seeds])
+    return collate([sample_clip(s, T, H, W, device=device) for s in seeds])
 
 # -----------------------------------------------------------------------------
 # video I/O (PyAV through imageio): frame-by-frame, centre-crop + resize
@@ -680,6 +690,7 @@ class MultiViewDataset:
     def batch(self, step, pairs, max_pairs, seed=0, rank=0):
         g = rng(seed, step, rank)
         T = int(torch.randint(1, max_pairs + 1, (1,), generator=g))
+        T = clip_length(step, max_pairs, seed) if rank else T           # one T for all ranks
         return collate([self.clip(g, T) for _ in range(max(1, pairs // T))])
 
 

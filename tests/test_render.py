@@ -50,3 +50,25 @@ def test_geometric_consistency():
     # and a wrong pose does not line up: the test can fail
     wrong = rgb[1].roll(5, -1)[:, vi, ui].permute(1, 2, 0)
     assert (rgb[0].permute(1, 2, 0) - wrong).abs().amax(-1)[seen].mean() > 3 * err.mean()
+
+
+def test_clip_length_is_shared_by_all_ranks():
+    """Every rank of a step draws the same T (no rank waits for a longer clip); rank 0 keeps the
+    stream a single process always had; ranks still see different scenes."""
+    for step in range(12):
+        bs = [data.synthetic_batch(step, 6, 4, 8, 8, seed=1, rank=r) for r in range(3)]
+        assert len({b["src"].shape for b in bs}) == 1
+        assert not torch.equal(bs[0]["src"], bs[1]["src"])
+        g = data.rng(1, step, 0)                                           # the stream as it was for rank 0
+        T = int(torch.randint(1, 5, (1,), generator=g))
+        seeds = torch.randint(0, 2 ** 31 - 1, (max(1, 6 // T),), generator=g).tolist()
+        assert torch.equal(bs[0]["src"], torch.stack([data.sample_clip(s, T, 8, 8)["src"] for s in seeds]))
+
+
+def test_batches_render_on_the_training_device(device):
+    a = data.synthetic_batch(3, 4, 2, 16, 16, device=device)
+    b = data.synthetic_batch(3, 4, 2, 16, 16)
+    assert all(v.device.type == torch.device(device).type for v in a.values())
+    assert all(torch.allclose(a[k].cpu(), b[k]) for k in ("rel", "K_src", "K_tgt"))
+    # the same images (on a GPU up to rounding, which can flip a pixel on an edge)
+    assert (a["src"].cpu() - b["src"]).abs().mean() < 1e-3 and (a["tgt"].cpu() - b["tgt"]).abs().mean() < 1e-3

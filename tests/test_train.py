@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -35,11 +36,12 @@ def test_tiny_teacher_overfits_one_batch():
     assert losses[-1] < losses[0] / 10, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
-def teacher(script, out, *extra):
+def teacher(script, out, *extra, device="cpu"):
     return script("teacher.py", "--preset", "tiny", "--out", out, "--pairs", 4, "--max_pairs", 3,
-                  "--eval_every", 4, "--eval_steps", 2, "--save_every", 100, "--warmup", 2, *extra)
+                  "--eval_every", 4, "--eval_steps", 2, "--save_every", 100, "--warmup", 2, "--device", device, *extra)
 
 
+@pytest.mark.cpu_only
 def test_resume_continues_exactly(script, tmp_path):
     """Stop after 3 steps, resume to 6 == an uninterrupted run of 6 (model, EMA, optimizer)."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -56,11 +58,12 @@ def test_resume_continues_exactly(script, tmp_path):
     assert torch.equal(ca["optim"]["state"][0]["exp_avg"], cb["optim"]["state"][0]["exp_avg"])
 
 
+@pytest.mark.cpu_only
 def test_ctrl_c_saves_a_whole_step(script, tmp_path):
     """SIGINT mid-run: exit 130 and a checkpoint at a step boundary, equal to a run stopped there."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     args = ["--preset", "tiny", "--pairs", 4, "--max_pairs", 3, "--eval_every", 10 ** 6, "--save_every", 10 ** 6,
-            "--warmup", 2, "--max_steps", 10 ** 6]
+            "--warmup", 2, "--max_steps", 10 ** 6, "--device", "cpu"]
     cmd = [sys.executable, "-u", "teacher.py", "--out", b, *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -79,14 +82,14 @@ def test_ctrl_c_saves_a_whole_step(script, tmp_path):
             assert torch.equal(ca[key][n], cb[key][n]), f"{key}.{n} differs"
 
 
-def test_teacher_eval_data_end_to_end(script, tmp_path):
+def test_teacher_eval_data_end_to_end(script, tmp_path, device):
     d, run = str(tmp_path / "ds"), str(tmp_path / "run")
     r = script("data.py", "--out", d, "--scenes", 2, "--cams", 3, "--frames", 5, "--size", 16)
     assert os.path.isfile(os.path.join(d, "preview.mp4")) and "wrote 2 scenes" in r.stdout
     scene = data.load_scene(os.path.join(d, "scene_00001"))
     assert scene["frames"].shape == (3, 5, 3, 16, 16) and scene["c2w"].shape == (3, 5, 4, 4)
     # teacher on the on-disk dataset, with a periodic evaluation and sample video
-    r = teacher(script, run, "--max_steps", 5, "--data", d)
+    r = teacher(script, run, "--max_steps", 5, "--data", d, device=device)
     assert "eval 4" in r.stdout + r.stderr and "step 4/5" in open(os.path.join(run, "log.txt")).read()
     for f in ("ckpt.pt", "sample.mp4", "sample.png"):
         assert os.path.isfile(os.path.join(run, f)), f
@@ -112,12 +115,14 @@ def test_scripts_fail_clearly(script, tmp_path):
     assert r.returncode != 0 and "cannot load checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_ddp_two_cpu_processes(tmp_path):
-    """teacher.py under torchrun with two processes on the gloo backend."""
+def test_ddp_two_cpu_processes(tmp_path, device):
+    """teacher.py under torchrun with two processes: gloo on the CPU, NCCL with two GPUs."""
+    if device != "cpu" and torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
     out = str(tmp_path / "ddp")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "teacher.py", "--preset", "tiny", "--out", out, "--pairs", "2", "--max_pairs", "2",
-                        "--max_steps", "3", "--eval_every", "100", "--save_every", "100"],
+                        "--max_steps", "3", "--eval_every", "100", "--save_every", "100", "--device", device],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]

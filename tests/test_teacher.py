@@ -1,0 +1,42 @@
+"""teacher.py's GPU-path items: a time-boxed run (--minutes), periodic evaluation off
+(--eval_every 0), the data rendered on the training device, clear errors for bad flags."""
+import json
+import os
+import time
+
+import pytest
+
+from model import load_checkpoint
+
+
+def test_time_boxed_run_saves_evaluates_and_stops(script, tmp_path, device):
+    """--minutes: the run stops when its time is up, evaluates once (--eval_every 0), saves,
+    and writes its summary; the learning rate decays over the wall-clock time."""
+    out = str(tmp_path / "run")
+    t0 = time.time()
+    r = script("teacher.py", "--preset", "tiny", "--out", out, "--pairs", 4, "--max_pairs", 3, "--minutes", 0.1,
+               "--eval_every", 0, "--eval_steps", 2, "--warmup", 2, "--device", device, "--no-compile")
+    wall = time.time() - t0
+    assert "time is up (0.1 min)" in r.stdout and wall > 6
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    steps = summary["steps"]
+    assert steps > 3 and load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == steps
+    assert 6 <= summary["train_seconds"] < 6 + wall
+    evals = [json.loads(line) for line in open(os.path.join(out, "evals.jsonl"))]
+    assert [e["step"] for e in evals] == [steps] and summary["last_eval"] == evals[0]["sample"]
+    assert os.path.isfile(os.path.join(out, "sample.png")) and os.path.isfile(os.path.join(out, "sample.mp4"))
+    log = [line.split(" | ") for line in open(os.path.join(out, "log.txt"))]
+    lr = [float(f[3].split()[1]) for f in log]
+    assert len(lr) == steps and lr[2] > 2.5e-4 and lr[-1] < 1e-4            # cosine over the time: 3e-4 -> 3e-5
+    assert all("data" in f[5] and "step" in f[6] for f in log)               # data timed apart from the step
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--pairs", 0], "--pairs must be at least 1"), (["--minutes", 0], "--minutes must be positive"),
+    (["--device", "gpu"], "unknown device 'gpu'"), (["--device", "cuda:7"], "device cuda:7")])
+def test_bad_flags_fail_clearly(script, tmp_path, flags, message):
+    r = script("teacher.py", "--preset", "tiny", "--out", str(tmp_path / "r"), *flags, ok=False, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], r.stderr
+    assert not os.path.exists(tmp_path / "r")                                # nothing started
