@@ -1,55 +1,72 @@
 """
-Speed benchmark: one run, one table (and JSON), one machine, one model size.
+Speed benchmark: one run, one table (and OUT/bench.json), one machine, one model size.
 
     python bench.py                                  # the shipped student (checkpoints/student_small.pt)
     python bench.py --ckpt runs/student/ckpt.pt --long 2000
-    python bench.py --ckpt '' --preset base --device cuda --compile 1   # random weights: speed does not depend on them
+    python bench.py --ckpt '' --preset base --device cuda --compile   # random weights: speed does not depend on them
 
-Measures: the student streaming frame by frame (KV cache, rolling window) at 1, 2 and 4 steps;
-the bidirectional teacher producing the same frames with 50 Euler steps; per-frame time near
-frame 50 and near frame --long of one stream; teacher.py's training step; peak memory.
+Measures: the student streaming frame by frame (KV cache, rolling window; CUDA graphs on CUDA)
+at 1, 2 and 4 steps; the bidirectional teacher producing the same frames with 50 Euler steps;
+per-frame time near frame 50 and near frame --long of one stream; teacher.py's training step
+without its data (and MFU on a known GPU), the data of that step rendered on the same device
+against it; peak memory. Every timed row runs once untimed first (compilation, CUDA graph
+capture and memory allocation never land in a timed row).
 """
 import argparse
 import json
+import os
 import resource
 import time
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 import data
-from model import (PRESETS, SHIPPED_STUDENT, KVCache, RealCamDiT, add_noise, flops_per_forward, load_model, sample_t,
+from model import (PRESETS, SHIPPED_STUDENT, KVCache, RealCamDiT, add_noise, attention_pairs, autocast_for, check_device,
+                   compile_blocks, default_device, flops_per_forward, flow_loss, load_model, peak_flops, sample_t,
                    student_chunk, teacher_sample)
 
 p = argparse.ArgumentParser(description="RealCam-min speed benchmark.")
-p.add_argument("--preset", type=str, default="small", help="model preset (random weights) when --ckpt ''")
+p.add_argument("--preset", type=str, default="small", choices=list(PRESETS), help="model preset (random weights) when --ckpt ''")
 p.add_argument("--ckpt", type=str, default=SHIPPED_STUDENT,
                help="benchmark this checkpoint's model (default: the shipped student; '' for --preset)")
-p.add_argument("--frames", type=int, default=16, help="frames for the student/teacher comparison")
-p.add_argument("--long", type=int, default=2000, help="frame index for the long-stream measurement")
-p.add_argument("--window", type=int, default=None, help="rolling window (chunks) of the student (default: the checkpoint's, else 4)")
-p.add_argument("--teacher_steps", type=int, default=50)
-p.add_argument("--out", type=str, default="bench.json")
-p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
-p.add_argument("--compile", type=int, default=0, help="torch.compile the model (CUDA)")
+p.add_argument("--frames", type=int, default=16, help="frames streamed a student row, and given to the teacher at once")
+p.add_argument("--long", type=int, default=2000, help="frame index of the long-stream measurement (at least 60)")
+p.add_argument("--window", type=int, default=None, help="rolling window of the student, in chunks (default: the checkpoint's, else 4)")
+p.add_argument("--teacher_steps", type=int, default=50, help="Euler steps of the teacher row")
+p.add_argument("--train_pairs", type=int, default=None, help="pairs of the training step's batch (default: 16 CPU, 64 CUDA)")
+p.add_argument("--out", type=str, default="runs/bench", help="output folder (bench.json)")
+p.add_argument("--device", type=str, default=default_device(), help="cpu, cuda or cuda:N (default: cuda if available)")
+p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+               help="torch.compile the blocks of the teacher row and the training step")
+p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+               help="replay the student's steady-state passes from CUDA graphs (default: on for CUDA)")
 args = p.parse_args()
-
-dev, cuda = args.device, args.device.startswith("cuda")
-if args.ckpt:
-    try:
-        model, _ = load_model(args.ckpt, dev)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e} (or benchmark random weights of a preset: --ckpt '' --preset small)")
-else:
+try:
+    for k, ok, what in [("frames", args.frames >= 1, "at least 1"), ("long", args.long >= 60, "at least 60"),
+                        ("teacher_steps", args.teacher_steps >= 1, "at least 1"),
+                        ("window", args.window is None or args.window >= 0, "0 or more"),
+                        ("train_pairs", args.train_pairs is None or args.train_pairs >= 1, "at least 1")]:
+        if not ok:
+            raise ValueError(f"--{k} must be {what}")
+    dev = check_device(args.device)
+    model = load_model(args.ckpt, dev)[0] if args.ckpt else None
+except (FileNotFoundError, ValueError) as e:
+    hint = " (or benchmark random weights of a preset: --ckpt '' --preset small)" if args.ckpt and "--" not in str(e) else ""
+    raise SystemExit(f"error: {e}{hint}")
+cuda = dev.startswith("cuda")
+if model is None:
     torch.manual_seed(0)
     model = RealCamDiT(PRESETS[args.preset]).to(dev).eval()
 model.cfg = replace(model.cfg, window=args.window if args.window is not None else (model.cfg.window if args.ckpt else 4))
 cfg, S = model.cfg, model.cfg.size
-dtype = torch.bfloat16 if cuda else torch.float32
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+graphs = cuda if args.graphs is None else args.graphs and cuda
+autocast = autocast_for(dev)
+if cuda:
+    torch.backends.cuda.matmul.allow_tf32 = True
 if args.compile:
-    model.forward_frames = torch.compile(model.forward_frames, dynamic=True)
+    compile_blocks(model)                        # used by the teacher row (no KV cache)
+os.makedirs(args.out, exist_ok=True)
 
 
 def sync():
@@ -62,19 +79,22 @@ def rays(rel, n):
     return data.pair_rays(rel[None].to(dev), K, K, S, S)
 
 
+cache = KVCache(cfg, graphs=graphs)                # one cache: its buffers and CUDA graphs serve every stream
+src = torch.randn(1, cfg.chunk, 3, S, S, device=dev)
+cs, ct = rays(data.preset_path("orbit_left", cfg.chunk)[0], cfg.chunk)
+
+
 @torch.no_grad()
 def stream(n, steps, time_from=0):
     """Stream n frames chunk by chunk; returns per-frame seconds (only from frame time_from on)."""
-    cache, times = KVCache(cfg), []
-    src = torch.randn(1, cfg.chunk, 3, S, S, device=dev)
-    rel, _ = data.preset_path("orbit_left", cfg.chunk)
-    cs, ct = rays(rel, cfg.chunk)
+    cache.reset()
+    times = []
     for c0 in range(0, n, cfg.chunk):
         k = 1 if c0 < time_from - 4 * cfg.chunk else steps      # fast-forward cheaply to the region of interest
         t0 = time.perf_counter()
         noise = torch.randn((k, 1, cfg.chunk, 3, S, S), device=dev)
         with autocast:
-            student_chunk(model, cache, src, cs, ct, torch.arange(c0, c0 + cfg.chunk, device=dev), k, noise)
+            student_chunk(model, cache, src, cs, ct, range(c0, c0 + cfg.chunk), k, noise)
         sync()
         if c0 >= time_from:
             times += [(time.perf_counter() - t0) / cfg.chunk] * cfg.chunk
@@ -82,67 +102,87 @@ def stream(n, steps, time_from=0):
 
 
 rows = {}
-stream(4, 4)                                                        # warm-up
+full = (cfg.window + cfg.sink) * cfg.chunk if cfg.window else 0   # frames before the steady state
+stream(full + 2 * cfg.chunk, 1)                                    # warm-up: allocations, CUDA graphs
 for steps in (1, 2, 4):
     t = torch.tensor(stream(args.frames, steps))
+    steady = t[full:] if len(t) > full else t
     rows[f"student {steps} step"] = dict(ms_per_frame=1000 * t.mean().item(), fps=1 / t.mean().item(),
-                                         first_frame_ms=1000 * t[0].item(), p95_ms=1000 * t.quantile(0.95).item())
+                                         first_frame_ms=1000 * t[0].item(), p95_ms=1000 * t.quantile(0.95).item(),
+                                         steady_ms=1000 * steady.median().item())
 # teacher: all frames at once, bidirectional, 50 steps; nothing comes out before the end
-src = torch.randn(1, args.frames, 3, S, S, device=dev)
-cs, ct = rays(data.preset_path("orbit_left", args.frames)[0], args.frames)
+srcT = torch.randn(1, args.frames, 3, S, S, device=dev)
+csT, ctT = rays(data.preset_path("orbit_left", args.frames)[0], args.frames)
 with torch.no_grad(), autocast:
-    teacher_sample(model, src[:, :2], cs[:, :2], ct[:, :2], 2)
+    teacher_sample(model, srcT, csT, ctT, 2)                        # warm-up with the timed shapes
     sync()
     t0 = time.perf_counter()
-    teacher_sample(model, src, cs, ct, args.teacher_steps)
+    teacher_sample(model, srcT, csT, ctT, args.teacher_steps)
     sync()
 dt = time.perf_counter() - t0
 rows[f"teacher {args.teacher_steps} steps"] = dict(ms_per_frame=1000 * dt / args.frames, fps=args.frames / dt,
-                                                   first_frame_ms=1000 * dt, p95_ms=1000 * dt)
+                                                   first_frame_ms=1000 * dt, p95_ms=1000 * dt, steady_ms=1000 * dt / args.frames)
 # flat cost with the rolling cache: near frame 50 vs near frame --long of one stream
 near = lambda f: torch.tensor(stream(f + 10, 4, time_from=f)).median().item()
 t50, tlong = near(50), near(args.long)
-# training throughput: teacher.py's step (16 pairs on CPU, 64 on CUDA)
+# training throughput: teacher.py's step on a batch rendered on the device, timed without it
 train = RealCamDiT(cfg).to(dev).train()
+if args.compile:
+    compile_blocks(train)
 opt = torch.optim.AdamW(train.parameters(), lr=1e-4)
-pairs = 64 if cuda else 16
-b = data.synthetic_batch(1, pairs, 4, S, S)                         # T drawn from 1..4
+pairs = args.train_pairs or (64 if cuda else 16)
+render_s = []
+for i in range(3):
+    sync()
+    t0 = time.perf_counter()
+    b = data.synthetic_batch(1, pairs, 4, S, S, device=dev)         # T drawn from 1..4
+    cs_b, ct_b = data.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
+    sync()
+    render_s.append(time.perf_counter() - t0)
 B, T = b["src"].shape[:2]
-cs_b, ct_b = [c.to(dev) for c in data.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)]
-x0, srcb = (b["tgt"] - b["src"]).to(dev), b["src"].to(dev)
+x0, srcb = b["tgt"] - b["src"], b["src"]
 times = []
-for i in range(6):
+for i in range(6):                                                 # 2 untimed (compilation), 4 timed
+    sync()
     t0 = time.perf_counter()
     t = sample_t((B, 1), cfg.shift).expand(B, T).to(dev)
     e = torch.randn_like(x0)
     with autocast:
-        loss = F.mse_loss(train(srcb, add_noise(x0, e, t), cs_b, ct_b, t).float(), e - x0)
-    opt.zero_grad()
+        out = train(srcb, add_noise(x0, e, t), cs_b, ct_b, t)
+    loss = flow_loss(out, x0, e, t, cfg).mean()
+    opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     sync()
     if i >= 2:
         times.append(time.perf_counter() - t0)
-step_s = sum(times) / len(times)
-flops = 3 * flops_per_forward(cfg, 2 * T) * B
+step_s, data_s = sum(times) / len(times), min(render_s[1:])
+flops = 3 * flops_per_forward(cfg, 2 * T, attn_pairs=attention_pairs(cfg, T)) * B
 mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+device_name = torch.cuda.get_device_name(dev) if cuda else f"CPU, {torch.get_num_threads()} threads"
+peak = peak_flops(device_name)
+mfu = flops / step_s / peak if peak else None
 
 # -----------------------------------------------------------------------------
 s4, tt = rows["student 4 step"], rows[f"teacher {args.teacher_steps} steps"]
-device_name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
 print(f"RealCam-min bench | {device_name} | {S}x{S}, dim {cfg.dim} x {cfg.depth}, chunk {cfg.chunk}, "
-      f"window {cfg.window} | {dtype}")
-print(f"{'':22s} {'ms/frame':>9s} {'frames/s':>9s} {'1st frame ms':>13s} {'p95 ms':>8s}")
+      f"window {cfg.window} | {'bf16 autocast' if cuda else 'float32'} | compile {args.compile} | CUDA graphs {graphs}")
+print(f"{'':22s} {'ms/frame':>9s} {'frames/s':>9s} {'1st frame ms':>13s} {'p95 ms':>8s} {'steady ms':>10s}")
 for k, r in rows.items():
-    print(f"{k:22s} {r['ms_per_frame']:9.1f} {r['fps']:9.1f} {r['first_frame_ms']:13.1f} {r['p95_ms']:8.1f}")
+    print(f"{k:22s} {r['ms_per_frame']:9.1f} {r['fps']:9.1f} {r['first_frame_ms']:13.1f} {r['p95_ms']:8.1f} {r['steady_ms']:10.1f}")
 print(f"teacher / student (4 steps): {tt['ms_per_frame'] / s4['ms_per_frame']:.1f}x per frame, "
       f"{tt['first_frame_ms'] / s4['first_frame_ms']:.0f}x latency to the first frame")
 print(f"rolling cache: {1000 * t50:.1f} ms/frame near frame 50, {1000 * tlong:.1f} near frame {args.long} "
       f"(ratio {tlong / t50:.2f})")
-print(f"training step ({B} clips x {T} pairs): {1000 * step_s:.0f} ms, {B * T / step_s:.0f} frames/s, "
-      f"{flops / step_s / 1e9:.0f} GFLOP/s | peak memory {mem:.2f} GiB")
-with open(args.out, "w") as f:
-    json.dump(dict(device=device_name, size=S, dim=cfg.dim, depth=cfg.depth, rows=rows, t50_ms=1000 * t50,
-                   tlong_ms=1000 * tlong, long=args.long, train_step_ms=1000 * step_s,
-                   train_frames_per_s=B * T / step_s, train_gflops=flops / step_s / 1e9, peak_mem_gib=mem), f, indent=1)
-print(f"wrote {args.out}")
+print(f"training step ({B} clips x {T} pairs): {1000 * step_s:.0f} ms without data, {B * T / step_s:.0f} frames/s, "
+      f"{flops / step_s / 1e9:.0f} GFLOP/s" + (f", MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else "")
+      + f" | its data rendered on the device: {1000 * data_s:.0f} ms ({data_s / step_s:.2f}x the step) "
+      f"| peak memory {mem:.2f} GiB")
+path = os.path.join(args.out, "bench.json")
+with open(path, "w") as f:
+    json.dump(dict(device=device_name, size=S, dim=cfg.dim, depth=cfg.depth, chunk=cfg.chunk, window=cfg.window,
+                   compile=args.compile, graphs=graphs, rows=rows, t50_ms=1000 * t50, tlong_ms=1000 * tlong, long=args.long,
+                   train_clips=B, train_pairs=T, train_step_ms=1000 * step_s, train_frames_per_s=B * T / step_s,
+                   train_gflops=flops / step_s / 1e9, mfu=mfu, peak_flops=peak, train_data_ms=1000 * data_s,
+                   peak_mem_gib=mem), f, indent=1)
+print(f"wrote {path}")

@@ -270,11 +270,14 @@ class KVCache:
         self.cfg, self.graphs = cfg, graphs
         self.L = (cfg.size // cfg.patch) ** 2
         self.k, self.v, self.kt = [None] * cfg.depth, [None] * cfg.depth, [None] * cfg.depth
-        self.chunks = []            # chunks held, in time order; the last one is the current chunk
-        self.written = set()        # (chunk, role) whose frames were written
-        self.cur, self.n = None, 0  # current chunk and its number of frames (chunk, or fewer at the end)
+        self.reset()                # chunks: held, in time order, the last one current; written: (chunk,
+                                    # role) written; cur, n: the current chunk and its frames
         self.M = cfg.chunk * (cfg.window + cfg.sink if cfg.window > 0 else 4)   # centre (frame slots)
         self._graphs, self._pool = {}, None
+
+    def reset(self):
+        """Start a new stream; the buffers and captured CUDA graphs stay (same batch size)."""
+        self.chunks, self.written, self.cur, self.n = [], set(), None, 0
 
     def __len__(self):
         """Tokens written and still visible to a later query."""

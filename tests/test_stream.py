@@ -127,16 +127,3 @@ def test_ctrl_c_keeps_a_playable_video(student, tmp_path):
     assert proc.returncode == 0 and "interrupted" in stdout, stderr
     n = json.load(open(log))["frames"]
     assert n > 0 and len(list(data.read_video(out))) == n
-
-
-def test_bench_end_to_end(script, student, tmp_path):
-    """bench.py on the tiny student: every row, the long-stream and training figures, in one JSON."""
-    out = str(tmp_path / "bench.json")
-    r = script("bench.py", "--ckpt", student["ckpt"], "--frames", 4, "--long", 40, "--teacher_steps", 3, "--out", out)
-    assert "teacher / student" in r.stdout and "rolling cache" in r.stdout
-    res = json.load(open(out))
-    assert set(res["rows"]) == {"student 1 step", "student 2 step", "student 4 step", "teacher 3 steps"}
-    assert all(v["fps"] > 0 for v in res["rows"].values())
-    assert res["t50_ms"] > 0 and res["tlong_ms"] > 0 and res["long"] == 40 and res["train_frames_per_s"] > 0
-    r = script("bench.py", "--ckpt", str(tmp_path / "missing.pt"), ok=False)
-    assert r.returncode != 0 and "error:" in r.stderr and "Traceback" not in r.stderr
