@@ -1,0 +1,227 @@
+"""
+The prepared GPU run: one command that checks a bare single-GPU machine and runs the project's
+CUDA path end to end in under 9 minutes, with no network.
+
+    python gpu_run.py                    # -> runs/gpu/: gpu_run.log, summary.json, bench.json, a few PNG/mp4
+    python gpu_run.py --dry_run          # the same stages on the CPU with the tiny preset (about a minute)
+
+Stages, each with a time limit inside the budget; the run goes on past a failed stage where it
+can and reports every stage in summary.json:
+  1. env      Python, torch, CUDA, the GPU and its memory, the packages, a timed bf16 matmul
+  2. tests    the CUDA-capable tests: pytest --device cuda (CUDA graphs and sync checks included)
+  3. bench    bench.py on the preset (random weights): student at 1/2/4 steps with CUDA graphs,
+              teacher, long stream, training step with MFU, data rendered on the GPU
+  4. teacher  teacher.py --minutes M (blocks compiled; rerun eager if compilation fails)
+  5. student  distill.py from that teacher: fixed numbers of causal and DMD steps
+  6. eval     eval.py on the teacher and on the student
+Into --out go at most 8 files (16 MiB each at most): gpu_run.log (every stage's output),
+summary.json, bench.json, teacher_sample.png/.mp4, teacher_eval.png, student_eval.png.
+Checkpoints and everything else stay in --work.
+"""
+import argparse
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+p = argparse.ArgumentParser(description="The prepared single-GPU run of RealCam-min.")
+p.add_argument("--out", type=str, default="runs/gpu", help="output folder: the files to bring back (at most 8)")
+p.add_argument("--work", type=str, default="runs/gpu_work", help="working folder: checkpoints, full logs")
+p.add_argument("--budget", type=float, default=9.0, help="wall-clock budget of the whole run (minutes)")
+p.add_argument("--device", type=str, default="cuda", help="cuda or cuda:N (cpu with --dry_run)")
+p.add_argument("--preset", type=str, default="base", help="model preset of bench, teacher and student")
+p.add_argument("--teacher_minutes", type=float, default=1.5, help="teacher training time (minutes)")
+p.add_argument("--causal_steps", type=int, default=100, help="distillation: causal-stage steps")
+p.add_argument("--dmd_steps", type=int, default=10, help="distillation: DMD generator steps")
+p.add_argument("--dry_run", action="store_true",
+               help="check the plumbing on the CPU: tiny preset, a few steps, one quick test (about a minute)")
+args = p.parse_args()
+if args.dry_run:
+    args.device, args.preset, args.teacher_minutes, args.causal_steps, args.dmd_steps = "cpu", "tiny", 0.05, 2, 1
+if args.budget <= 0 or args.teacher_minutes <= 0 or args.causal_steps < 1 or args.dmd_steps < 1:
+    raise SystemExit("error: --budget and --teacher_minutes must be positive, --causal_steps and --dmd_steps at least 1")
+if not args.dry_run and not args.device.startswith("cuda"):
+    raise SystemExit(f"error: --device {args.device}: the GPU run needs cuda or cuda:N (the CPU check is --dry_run)")
+
+t_start = time.time()
+deadline = t_start + 60 * args.budget
+os.makedirs(args.out, exist_ok=True)
+os.makedirs(args.work, exist_ok=True)
+log_path = os.path.join(args.out, "gpu_run.log")
+log = open(log_path, "w")
+summary = dict(started=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args), stages=[])
+
+
+def say(msg):
+    print(msg, flush=True)
+    log.write(msg + "\n")
+    log.flush()
+
+
+def write_summary():
+    summary["wall_s"] = time.time() - t_start
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+
+def stage(name, cmd, limit):
+    """Run one command, its output into the log, within `limit` seconds and the budget."""
+    left = deadline - time.time() - 15
+    timeout = min(limit, left)
+    rec = dict(name=name, cmd=" ".join(map(str, cmd)))
+    summary["stages"].append(rec)
+    if timeout < 10:
+        say(f"== {name}: skipped, {left:.0f} s left of the budget")
+        rec.update(status="skipped", seconds=0)
+        return rec
+    say(f"== {name} (limit {timeout:.0f} s): {rec['cmd']}")
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)                    # the stage's own process group
+        rc = proc.wait()
+        rec["timed_out"] = True
+    rec.update(rc=rc, seconds=round(time.time() - t0, 1), status="ok" if rc == 0 else "failed")
+    say(f"== {name}: {rec['status']} (exit {rc}) in {rec['seconds']} s")
+    write_summary()
+    return rec
+
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def eval_files(out):
+    """eval.py's JSON and PNG for --out `out`: a file (and its .png) or a folder (eval.json, eval.png)."""
+    if os.path.isdir(out):
+        return os.path.join(out, "eval.json"), os.path.join(out, "eval.png")
+    return out, out.replace(".json", ".png")
+
+# -----------------------------------------------------------------------------
+# 1. the environment
+
+
+def environment():
+    import torch
+    env = dict(python=sys.version.split()[0], torch=torch.__version__, cuda_build=torch.version.cuda,
+               cuda_available=torch.cuda.is_available(), cpus=os.cpu_count(),
+               disk_free_gib=round(shutil.disk_usage(ROOT).free / 2 ** 30, 1),
+               compiler=shutil.which("gcc") or shutil.which("cc"), packages={})
+    for pkg in ("numpy", "einops", "imageio", "av", "tqdm", "pytest", "triton"):
+        try:
+            env["packages"][pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            env["packages"][pkg] = None
+    if env["cuda_available"]:
+        dev = torch.device(args.device)
+        prop = torch.cuda.get_device_properties(dev)
+        env.update(gpu=prop.name, gpus=torch.cuda.device_count(), capability=f"{prop.major}.{prop.minor}",
+                   memory_gib=round(prop.total_memory / 2 ** 30, 1), bf16=torch.cuda.is_bf16_supported())
+        a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ a
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize(dev)
+        env["bf16_matmul_tflops"] = round(10 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12, 1)
+    return env
+
+
+say(f"gpu_run: budget {args.budget:g} min, device {args.device}, preset {args.preset}, out {args.out}, work {args.work}")
+try:
+    summary["env"] = environment()
+except Exception as e:                                      # report it, do not hide it in a traceback
+    summary["env"] = dict(error=f"{type(e).__name__}: {e}")
+say("env: " + json.dumps(summary["env"]))
+missing = [k for k in ("numpy", "einops", "imageio", "av", "tqdm", "pytest") if not summary["env"].get("packages", {}).get(k)]
+if missing or (not args.dry_run and not summary["env"].get("cuda_available")):
+    why = f"missing packages: {', '.join(missing)}" if missing else "no CUDA GPU visible to torch"
+    summary["error"] = why
+    write_summary()
+    raise SystemExit(f"error: {why} (see {log_path})")
+
+# -----------------------------------------------------------------------------
+# 2-6. tests, bench, teacher, student, eval
+
+dev, work = args.device, args.work
+if args.dry_run:
+    tests = ["-m", "pytest", "-q", "tests/test_attention.py", "-k", "flops_count", "-p", "no:cacheprovider"]
+    bench = ["--frames", 4, "--long", 60, "--teacher_steps", 3, "--train_pairs", 4]
+    sizes = ["--pairs", 4, "--max_pairs", 2]
+    evals = ["--clips", 1, "--frames", 3, "--families", "orbit,pan"]
+else:
+    tests = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10", "--device", dev,
+             "tests/test_attention.py", "tests/test_render.py", "tests/test_teacher.py", "tests/test_bench.py",
+             "tests/test_train.py"]
+    bench = ["--frames", 32, "--long", 1000, "--teacher_steps", 50]
+    sizes = ["--pairs", 16, "--max_pairs", 3]
+    evals = ["--clips", 2, "--frames", 8]
+stage("tests", tests, 150)
+stage("bench", ["bench.py", "--ckpt", "", "--preset", args.preset, "--device", dev, "--out", os.path.join(work, "bench"),
+                "--no-compile", *bench], 150)
+summary["bench"] = load_json(os.path.join(work, "bench", "bench.json"))
+tdir = os.path.join(work, "teacher")
+shutil.rmtree(tdir, ignore_errors=True)
+teacher = ["teacher.py", "--preset", args.preset, "--out", tdir, "--minutes", args.teacher_minutes, "--eval_every", 0,
+           "--eval_steps", 10, "--save_every", 10 ** 6, "--device", dev]
+rec = stage("teacher", teacher, 60 * args.teacher_minutes + 150)
+if rec["status"] == "failed" and args.device.startswith("cuda"):           # e.g. no compiler for torch.compile
+    shutil.rmtree(tdir, ignore_errors=True)
+    rec = stage("teacher (eager)", teacher + ["--no-compile"], 60 * args.teacher_minutes + 90)
+summary["teacher"] = load_json(os.path.join(tdir, "summary.json"))
+sdir, tckpt = os.path.join(work, "student"), os.path.join(tdir, "ckpt.pt")
+shutil.rmtree(sdir, ignore_errors=True)
+if os.path.isfile(tckpt):
+    stage("student", ["distill.py", "--teacher", tckpt, "--out", sdir, "--causal_steps", args.causal_steps,
+                      "--dmd_steps", args.dmd_steps, "--critic_steps", 2, "--eval_every", 10 ** 6, "--save_every", 10 ** 6,
+                      "--device", dev, *sizes], 150)
+    stage("eval teacher", ["eval.py", "--ckpt", tckpt, "--steps", 10, "--stream", 0, "--out",
+                           os.path.join(work, "eval_teacher.json"), "--device", dev, *evals], 60)
+summary["eval"] = {}
+if os.path.isfile(os.path.join(sdir, "ckpt.pt")):
+    stage("eval student", ["eval.py", "--ckpt", os.path.join(sdir, "ckpt.pt"), "--steps", "1,4", "--stream", 0, "--out",
+                           os.path.join(work, "eval_student.json"), "--device", dev, *evals], 60)
+for who in ("teacher", "student"):
+    js, png = eval_files(os.path.join(work, f"eval_{who}.json"))
+    res = load_json(js)
+    summary["eval"][who] = res and [dict(steps=r.get("steps"), **{k: v for k, v in r.items() if k in ("mean", "gain")})
+                                    for r in res.get("runs", [])]
+
+# -----------------------------------------------------------------------------
+# the files to bring back: at most 8, 16 MiB each
+
+copies = {"bench.json": os.path.join(work, "bench", "bench.json"), "teacher_sample.png": os.path.join(tdir, "sample.png"),
+          "teacher_sample.mp4": os.path.join(tdir, "sample.mp4"),
+          "teacher_eval.png": eval_files(os.path.join(work, "eval_teacher.json"))[1],
+          "student_eval.png": eval_files(os.path.join(work, "eval_student.json"))[1]}
+for name, src in copies.items():
+    if os.path.isfile(src) and os.path.getsize(src) < 16 * 2 ** 20:
+        shutil.copyfile(src, os.path.join(args.out, name))
+failed = [s["name"] for s in summary["stages"] if s["status"] != "ok"]
+summary["failed"] = failed
+write_summary()
+say(f"gpu_run: {len(summary['stages']) - len(failed)} of {len(summary['stages'])} stages ok"
+    + (f", not ok: {', '.join(failed)}" if failed else "") + f", {(time.time() - t_start) / 60:.1f} min -> {args.out}")
+log.close()
+if os.path.getsize(log_path) > 15 * 2 ** 20:                                # keep the log under 16 MiB: its end
+    with open(log_path, "rb") as f:
+        f.seek(-15 * 2 ** 20, 2)
+        tail = f.read()
+    with open(log_path, "wb") as f:
+        f.write(tail)
+sys.exit(1 if failed else 0)
