@@ -306,16 +306,15 @@ class KVCache:
         slots = [self.slot(cq, r, t - cq * C) for t, r in zip(time, role)]
         writes = tuple((slice(a0 * L, a1 * L), slice(s0 * L, s1 * L)) for a0, a1, s0, s1 in runs(zip(range(len(time)), slots)))
         # query groups: runs of one role (one group if all see the same keys)
-        qruns = [[0, len(time), 1]] if cfg.src_sees_tgt or len(set(role)) == 1 else []
-        if not qruns:
-            for i, r in enumerate(role):
-                if qruns and qruns[-1][2] == r:
-                    qruns[-1][1] = i + 1
-                else:
-                    qruns.append([i, i + 1, r])
-        groups, pairs, key = [], 0, [tuple((w.start, w.stop) for w, _ in writes), time[0] - cq * C]
+        qruns = [[0, len(time)]] if cfg.src_sees_tgt or len(set(role)) == 1 else []
+        for i, r in enumerate(role if not qruns else ()):
+            if qruns and role[qruns[-1][0]] == r:
+                qruns[-1][1] = i + 1
+            else:
+                qruns.append([i, i + 1])
+        groups, pairs, key = [], 0, [tuple((w.start, w.stop, d.start, d.stop) for w, d in writes)]
         held = [(c, r) for c, r in self.written if c != cq or r not in role]
-        for i0, i1, _ in qruns:
+        for i0, i1 in qruns:
             rq = role[i0]                                                 # (with src_sees_tgt, any role)
             ks = {self.slot(c, r, f) for c, r in held if sees(cq, rq, c, r, cfg)
                   for f in range(self.n if c == cq else C)}
@@ -435,7 +434,7 @@ class KVCache:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool), torch.autocast(**ac):
                 out = run(*static)
-            self._graphs[key] = (graph, static, out, plan)
+            self._graphs[key] = (graph, static, out, list(_CONST.values()))   # keep the tables it reads alive
         graph, static, out, _ = self._graphs[key]
         for s, a in zip(static, args):
             s.copy_(a)
