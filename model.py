@@ -33,6 +33,8 @@ class Config:
     heads: int = 4
     mlp_ratio: float = 4.0
     cam_channels: int = 6       # Plucker rays concatenated to the RGB pixels
+    src_concat: bool = False    # a target frame's input also carries its pair's source pixels (zeros
+                                # for source frames), so the residual target - source is local
     residual: bool = True       # diffuse the target minus its source frame (anchors on the source)
     src_sees_tgt: bool = False  # may source tokens attend to target tokens?
     shift: float = 2.0          # timestep shift toward high noise, train and sample
@@ -256,7 +258,7 @@ class RealCamDiT(nn.Module):
         p, D = cfg.patch, cfg.dim
         assert cfg.size % p == 0 and cfg.dim % cfg.heads == 0
         self.grid = cfg.size // p
-        self.patch_embed = nn.Linear((3 + cfg.cam_channels) * p * p, D)      # RGB + Plucker rays
+        self.patch_embed = nn.Linear((3 + 3 * cfg.src_concat + cfg.cam_channels) * p * p, D)  # RGB (+ source) + rays
         self.role_embed = nn.Parameter(torch.zeros(2, D))                      # 0 source, 1 target
         self.t_embed = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
@@ -286,7 +288,8 @@ class RealCamDiT(nn.Module):
 
     def forward_frames(self, x, cam, t, time, role, causal, cache=None, write=False):
         """Core forward over F frames with per-frame metadata.
-        x (B, F, 3, H, W) pixels or noisy x_t; cam (B, F, 6, H, W); t (B, F) noise levels;
+        x (B, F, 3, H, W) pixels or noisy x_t; cam (B, F, C, H, W): the frame's conditioning
+        channels (frame_cond: Plucker rays, after the pair's source pixels if cfg.src_concat); t (B, F) noise levels;
         time (F,) pair index (absolute); role (F,) 0 source / 1 target.
         With a cache, the frames attend to the cached tokens too; write=True appends them.
         Returns the network's prediction (B, F, 3, H, W): v, or x0 (cfg.pred); to_x0 converts."""
@@ -299,7 +302,7 @@ class RealCamDiT(nn.Module):
         # where the token's rays land in the source image (camera RoPE)
         tok_time, tok_role = time.repeat_interleave(L), role.repeat_interleave(L)  # (N,)
         if self.cfg.cam_rope:
-            rows, cols = plane_positions(cam, self.cfg)                          # (B, heads, N)
+            rows, cols = plane_positions(cam[:, :, -6:], self.cfg)               # (B, heads, N)
         else:
             rows = torch.arange(g, device=x.device).repeat_interleave(g).repeat(Fr)
             cols = torch.arange(g, device=x.device).repeat(g * Fr)
@@ -326,11 +329,19 @@ class RealCamDiT(nn.Module):
         B, T = src.shape[:2]
         assert not causal or time0 % self.cfg.chunk == 0, "a causal forward starts on a chunk boundary"
         x = torch.stack([src, xt], 2).flatten(1, 2)                               # (B, 2T, 3, H, W)
-        cam = torch.stack([cam_src, cam_tgt], 2).flatten(1, 2)
+        cam = torch.stack([frame_cond(self.cfg, None, cam_src), frame_cond(self.cfg, src, cam_tgt)], 2).flatten(1, 2)
         tt = torch.stack([torch.zeros_like(t), t], 2).flatten(1, 2)               # (B, 2T)
         time = torch.arange(T, device=src.device).repeat_interleave(2) + time0
         role = torch.tensor([0, 1], device=src.device).repeat(T)
         return self.forward_frames(x, cam, tt, time, role, causal)[:, 1::2]
+
+def frame_cond(cfg, src, cam):
+    """A frame's conditioning channels: its Plucker rays cam (B, F, 6, H, W), and with
+    cfg.src_concat first the synchronized source pixels src (B, F, 3, H, W) for a target frame,
+    zeros (src None) for a source frame."""
+    if not cfg.src_concat:
+        return cam
+    return torch.cat([torch.zeros_like(cam[:, :, :3]) if src is None else src, cam], 2)
 
 # -----------------------------------------------------------------------------
 # samplers
@@ -361,10 +372,11 @@ def chunk_pass(model, cache, src, x, cam_src, cam_tgt, t, time, write):
     already (once, see student_chunk) and only the targets run; otherwise both run as pairs."""
     B, n = x.shape[:2]
     ones = torch.ones(n, dtype=torch.long, device=x.device)
-    if not model.cfg.src_sees_tgt:
-        return model.forward_frames(x, cam_tgt, t, time, ones, True, cache, write)
+    cfg = model.cfg
+    if not cfg.src_sees_tgt:
+        return model.forward_frames(x, frame_cond(cfg, src, cam_tgt), t, time, ones, True, cache, write)
     pair = lambda a, b: torch.stack([a, b], 2).flatten(1, 2)
-    out = model.forward_frames(pair(src, x), pair(cam_src, cam_tgt), pair(torch.zeros_like(t), t),
+    out = model.forward_frames(pair(src, x), pair(frame_cond(cfg, None, cam_src), frame_cond(cfg, src, cam_tgt)), pair(torch.zeros_like(t), t),
                                time.repeat_interleave(2), torch.stack([0 * ones, ones], 1).flatten(), True, cache, write)
     return out[:, 1::2]
 
@@ -382,7 +394,7 @@ def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_
     zeros = torch.zeros(B, n, device=src.device)
     with torch.no_grad():
         if not model.cfg.src_sees_tgt:                                       # encode the source once
-            model.forward_frames(src, cam_src, zeros, time, 0 * time, True, cache, True)
+            model.forward_frames(src, frame_cond(model.cfg, None, cam_src), zeros, time, 0 * time, True, cache, True)
     x = noise[0]
     for j in range(last + 1):
         with torch.set_grad_enabled(grad and j == last):
@@ -424,7 +436,7 @@ def flops_per_forward(cfg, frames, ctx_frames=None):
     N = frames * (cfg.size // cfg.patch) ** 2
     Nk = (frames if ctx_frames is None else ctx_frames) * (cfg.size // cfg.patch) ** 2
     D, Hd = cfg.dim, int(cfg.dim * cfg.mlp_ratio)
-    per_token = cfg.depth * (4 * D * D + 2 * D * Hd) + D * (3 + cfg.cam_channels) * cfg.patch ** 2 + D * 3 * cfg.patch ** 2
+    per_token = cfg.depth * (4 * D * D + 2 * D * Hd) + D * (3 + 3 * cfg.src_concat + cfg.cam_channels) * cfg.patch ** 2 + D * 3 * cfg.patch ** 2
     per_frame = cfg.depth * 6 * D * D + 2 * D * D + 256 * D + D * D             # adaLN, t embedding
     return 2 * (N * per_token + frames * per_frame) + cfg.depth * 4 * N * Nk * D
 

@@ -41,6 +41,10 @@ p.add_argument("--max_pairs", type=int, default=6, help="pairs a clip are drawn 
 p.add_argument("--pred", type=str, default=None, choices=["v", "x"], help="network output: velocity or clean x0 (default: the preset's)")
 p.add_argument("--cam_rope", type=str, default=None,
                help="camera RoPE: comma-separated inverse depths of the planes, one a head ('' = grid RoPE; default: the preset's)")
+p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
+               help="diffuse target - source instead of the target (default: the preset's)")
+p.add_argument("--src_concat", action=argparse.BooleanOptionalAction, default=None,
+               help="give each target frame its source frame's pixels as input channels (default: the preset's)")
 # optimization
 p.add_argument("--max_steps", type=int, default=None, help="training steps (default: per preset)")
 p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
@@ -91,6 +95,9 @@ if not ckpt and args.pred is not None:
     cfg = replace(cfg, pred=args.pred)
 if not ckpt and args.cam_rope is not None:
     cfg = replace(cfg, cam_rope=tuple(float(r) for r in args.cam_rope.split(",") if r.strip()))
+for k in ("residual", "src_concat"):
+    if not ckpt and getattr(args, k) is not None:
+        cfg = replace(cfg, **{k: getattr(args, k)})
 model = RealCamDiT(cfg).to(args.device)
 ema = copy.deepcopy(model).requires_grad_(False).eval()
 optim = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
