@@ -441,12 +441,19 @@ def render_clip(seed, n, H, W, rel=None, zoom=None, src_c2w=None, t0=0.0, ss=2, 
     return clip if z is None else dict(clip, depth_src=z[:n], depth_tgt=z[n:])
 
 
-def sample_clip(seed, n, H, W, ss=2):
-    """One training clip: random scene, random source motion, and a target path drawn from
-    a preset family (random magnitude, random window of a longer path) or a random smooth path."""
+P_STATIC = 0.1   # share of training clips whose target camera is the source camera (an exact copy)
+
+
+def sample_clip(seed, n, H, W, ss=2, p_static=P_STATIC):
+    """One training clip: random scene, random source motion, and a target path: the identity
+    (a share p_static of the clips: the model must return its input exactly), a preset family (random
+    magnitude, random window of a longer path) or a random smooth path."""
     g = torch.Generator().manual_seed(int(seed))
     long = n + int(torch.randint(0, 16, (1,), generator=g))
-    if torch.rand(1, generator=g) < 0.5:
+    u = torch.rand(1, generator=g).item()
+    if u < p_static:
+        rel, zoom = preset_path("static", long)
+    elif u < 0.5 + p_static / 2:
         name = PRESETS[int(torch.randint(len(PRESETS), (1,), generator=g))]
         rel, zoom = preset_path(name, long, scale=0.3 + 1.0 * torch.rand(1, generator=g).item())
     else:
@@ -468,7 +475,7 @@ def collate(clips, keys=("src", "tgt", "rel", "K_src", "K_tgt")):
     return {k: torch.stack([c[k] for c in clips]) for k in keys}
 
 
-def synthetic_batch(step, pairs, max_pairs, H, W, seed=0, rank=0):
+def synthetic_batch(step, pairs, max_pairs, H, W, seed=0, rank=0, p_static=P_STATIC):
     """The batch of training step `step`: a pure function of (seed, step, rank), so resumed runs
     see exactly the data an uninterrupted run would. T pairs a clip (1..max_pairs) and
     pairs // T clips, so every step carries about the same number of tokens."""
@@ -476,7 +483,7 @@ def synthetic_batch(step, pairs, max_pairs, H, W, seed=0, rank=0):
     T = int(torch.randint(1, max_pairs + 1, (1,), generator=g))
     B = max(1, pairs // T)
     seeds = torch.randint(0, 2 ** 31 - 1, (B,), generator=g).tolist()   # training scenes < 2**31
-    return collate([sample_clip(s, T, H, W) for s in seeds])
+    return collate([sample_clip(s, T, H, W, p_static=p_static) for s in seeds])
 
 # -----------------------------------------------------------------------------
 # video I/O (PyAV through imageio): frame-by-frame, centre-crop + resize

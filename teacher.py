@@ -38,6 +38,7 @@ p.add_argument("--preset", type=str, default=None, help="model preset (default: 
 p.add_argument("--data", type=str, default=None, help="on-disk multi-view dataset (default: synthetic stream)")
 p.add_argument("--pairs", type=int, default=None, help="(source, target) pairs a batch per process (default: 16 CPU, 64 CUDA)")
 p.add_argument("--max_pairs", type=int, default=6, help="pairs a clip are drawn from 1..max_pairs")
+p.add_argument("--static_share", type=float, default=data.P_STATIC, help="share of synthetic clips with the identity camera")
 p.add_argument("--pred", type=str, default=None, choices=["v", "x"], help="network output: velocity or clean x0 (default: the preset's)")
 p.add_argument("--cam_rope", type=str, default=None,
                help="camera RoPE: comma-separated inverse depths of the planes, one a head ('' = grid RoPE; default: the preset's)")
@@ -137,7 +138,7 @@ def get_batch(step):
     if dataset:
         b = dataset.batch(step, args.pairs, args.max_pairs, args.seed, rank)
     else:
-        b = data.synthetic_batch(step, args.pairs, args.max_pairs, cfg.size, cfg.size, args.seed, rank)
+        b = data.synthetic_batch(step, args.pairs, args.max_pairs, cfg.size, cfg.size, args.seed, rank, args.static_share)
     cam_src, cam_tgt = data.pair_rays(b["rel"], b["K_src"], b["K_tgt"], cfg.size, cfg.size)
     return [x.to(args.device) for x in (b["src"], b["tgt"], cam_src, cam_tgt)]
 
