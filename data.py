@@ -227,20 +227,47 @@ def random_path(n, gen):
 
 def load_trajectory(path, n=None):
     """A JSON trajectory: a list of per-frame relative 4x4 poses (or {"poses": [...]}, optional
-    "zoom": [...]). Shorter than n frames: the last pose holds; longer: truncated."""
+    "zoom": [...] focal multipliers). Shorter than n frames: the last pose holds; longer:
+    truncated. Every pose must be finite and rigid (rotation orthonormal with det +1 within
+    1e-3, last row 0 0 0 1) and every zoom finite and positive: anything else is a ValueError
+    naming the file and the first bad frame (a NaN would poison the KV cache, a scaled matrix
+    would be taken as some other camera)."""
     try:
         with open(path) as f:
             obj = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise ValueError(f"cannot read trajectory {path}: {e}") from None
+    if isinstance(obj, dict) and "poses" not in obj:
+        raise ValueError(f"trajectory {path}: a JSON object needs a \"poses\" list "
+                         f"(keys found: {', '.join(obj) or 'none'})")
     poses = obj["poses"] if isinstance(obj, dict) else obj
     try:
         P = torch.tensor(poses, dtype=torch.float32)
-        zoom = torch.tensor(obj.get("zoom", [1.0] * len(P)) if isinstance(obj, dict) else [1.0] * len(P))
-    except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"trajectory {path}: expected a list of 4x4 poses ({e})") from None
-    if P.ndim != 3 or P.shape[1:] != (4, 4) or len(P) == 0 or len(zoom) != len(P):
+        zoom = obj.get("zoom", [1.0] * len(P)) if isinstance(obj, dict) else [1.0] * len(P)
+        zoom = torch.tensor(zoom, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"trajectory {path}: expected a list of 4x4 poses and a list of zoom numbers ({e})") from None
+    if P.ndim != 3 or P.shape[1:] != (4, 4) or len(P) == 0:
         raise ValueError(f"trajectory {path}: expected a list of 4x4 poses, got shape {tuple(P.shape)}")
+    if zoom.ndim != 1 or len(zoom) != len(P):
+        raise ValueError(f"trajectory {path}: \"zoom\" needs one number a pose ({len(P)}), got shape {tuple(zoom.shape)}")
+    bad = lambda mask, what: ValueError(f"trajectory {path}: frame {int(mask.nonzero()[0])} {what}")
+    finite = torch.isfinite(P).flatten(1).all(1)
+    if not finite.all():
+        raise bad(~finite, "has a NaN or infinite entry")
+    R = P[:, :3, :3]
+    ortho = (R @ R.transpose(1, 2) - torch.eye(3)).abs().amax((1, 2)) <= 1e-3
+    if not ortho.all():
+        raise bad(~ortho, "is not a rigid pose: its rotation part is not orthonormal (scale or shear?)")
+    det = torch.linalg.det(R) > 0
+    if not det.all():
+        raise bad(~det, "is not a rigid pose: its rotation part is a reflection (det -1)")
+    last = (P[:, 3] - torch.tensor([0.0, 0.0, 0.0, 1.0])).abs().amax(1) <= 1e-3
+    if not last.all():
+        raise bad(~last, "is not a rigid pose: its last row is not 0 0 0 1")
+    zok = torch.isfinite(zoom) & (zoom > 0)
+    if not zok.all():
+        raise bad(~zok, f"has zoom {zoom[~zok][0].item()}: zoom must be finite and positive")
     if n is not None:
         idx = torch.arange(n).clamp(max=len(P) - 1)
         P, zoom = P[idx], zoom[idx]
