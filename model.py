@@ -460,15 +460,21 @@ class StopFlag:
 
 
 def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint dict (config, model, ...). Errors are one line naming the file: missing
+    (FileNotFoundError), not a file torch.load reads, or not a RealCam-min checkpoint (ValueError)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:   # torch's own message runs to 8 lines and suggests weights_only=False
+        raise ValueError(f"cannot load checkpoint {path}: not a file torch.load reads ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a RealCam-min checkpoint (no config/model)")
+    return ckpt
 
 
-SHIPPED_STUDENT = "checkpoints/student_small.pt"   # the reference student in the repository
+# the reference student in the repository, found from any working directory
+SHIPPED_STUDENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "student_small.pt")
 
 
 def load_model(path, device="cpu", weights="ema"):
