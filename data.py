@@ -4,8 +4,8 @@ the on-disk multi-view format and video I/O.
 
 Write a small multi-view dataset (one mp4 per camera + cameras.json per scene) and a preview:
     python data.py --out data/synth --scenes 8
-Render a quick look at the training stream:
-    python data.py --preview_stream stream.mp4
+Convert MultiCamVideo scenes into the same format:
+    python data.py --multicam MultiCamVideo-Dataset/train/f24_aperture5 --out data/mcv --size 64 --fx 0.9
 
 Conventions (DESIGN.md section 3):
 - Cameras are OpenCV: x right, y down, z forward. Poses are camera-to-world 4x4 (c2w).
@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -763,32 +764,83 @@ def convert_multicam(scene_dir, out_dir, fx, size=64, every=1):
     write_scene(out_dir, torch.stack(frames), torch.stack(c2ws), K)
 
 
+# -----------------------------------------------------------------------------
+# command-line checks shared by the scripts: bad input ends in one `error:` line on stderr and
+# a non-zero exit, before any expensive work
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (a bad number, an unknown flag) are one `error:` line too."""
+
+    def error(self, message):
+        fail(f"{message} (see --help)")
+
+
+def check_device(name):
+    """--device: cpu, cuda or cuda:N, on a machine that has it."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        fail(f"--device {name}: use cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+        fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
+def check_args(args, positive=(), nonneg=()):
+    """Counts given on the command line: `positive` must be >= 1, `nonneg` >= 0 (None: the default
+    is decided later). Names are argparse destinations (--max_steps -> max_steps)."""
+    for names, lo in ((positive, 1), (nonneg, 0)):
+        for k in names:
+            v = getattr(args, k)
+            if v is not None and not v >= lo:
+                fail(f"--{k} must be {'at least 1' if lo else 'non-negative'}, got {v}")
+
+
+def check_out_dir(path):
+    """--out is a folder (created if missing), not an existing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"--out {path} is a file; --out names a folder")
+    return path
+
+
 if __name__ == "__main__":
     from tqdm import tqdm
-    p = argparse.ArgumentParser(description="Write a synthetic multi-view dataset in the on-disk format, "
+    p = ArgumentParser(description="Write a synthetic multi-view dataset in the on-disk format, "
                                 "or convert MultiCamVideo scenes (--multicam) into it.")
-    p.add_argument("--out", type=str, default="data/synth", help="output folder")
+    p.add_argument("--out", type=str, default="data/synth", help="output folder (created if missing)")
     p.add_argument("--scenes", type=int, default=8, help="number of scenes")
     p.add_argument("--cams", type=int, default=4, help="synchronized cameras a scene")
     p.add_argument("--frames", type=int, default=24, help="frames a camera")
-    p.add_argument("--size", type=int, default=32, help="frame size in pixels (square)")
-    p.add_argument("--seed", type=int, default=0, help="first scene seed")
+    p.add_argument("--size", type=int, default=32, help="frame side in pixels (square, even: H.264)")
+    p.add_argument("--seed", type=int, default=0, help="first scene seed (scene i uses seed + i)")
     p.add_argument("--multicam", type=str, default=None, help="convert the MultiCamVideo scenes under this folder")
-    p.add_argument("--fx", type=float, default=None, help="--multicam: focal length / side of the square crop")
+    p.add_argument("--fx", type=float, default=None, help="--multicam: focal length / side of the square crop (unitless)")
     p.add_argument("--every", type=int, default=1, help="--multicam: keep every n-th frame")
     args = p.parse_args()
+    check_args(args, positive=("scenes", "cams", "frames", "size", "every"))
+    if args.size % 2:
+        fail(f"--size must be even (H.264 frames have even sides), got {args.size}")
+    check_out_dir(args.out)
     if args.multicam:
         if args.fx is None:
-            raise SystemExit("error: --multicam needs --fx (focal length over the side of the square crop)")
+            fail("--multicam needs --fx (focal length over the side of the square crop)")
+        if not (math.isfinite(args.fx) and args.fx > 0):
+            fail(f"--fx must be a positive number, got {args.fx}")
+        if not os.path.isdir(args.multicam):
+            fail(f"--multicam folder not found: {args.multicam}")
         found = sorted(os.path.dirname(root) for root, _, files in os.walk(args.multicam)
                        if "camera_extrinsics.json" in files)
         if not found:
-            raise SystemExit(f"error: no cameras/camera_extrinsics.json under {args.multicam}")
+            fail(f"no cameras/camera_extrinsics.json under {args.multicam}")
         for i, sc in enumerate(tqdm(found, desc="scenes")):
             try:
                 convert_multicam(sc, os.path.join(args.out, f"scene_{i:05d}"), args.fx, args.size, args.every)
-            except (OSError, ValueError) as e:
-                raise SystemExit(f"error: {e}")
+            except (OSError, ValueError, KeyError) as e:
+                fail(e)
         print(f"converted {len(found)} scenes to {args.out}")
     else:
         preview = []

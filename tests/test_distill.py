@@ -149,7 +149,8 @@ def test_distill_stages_end_to_end(script, tmp_path):
                "--critic_steps", 1, *common)
     log = open(os.path.join(out, "log.txt")).read()
     assert "causal 1/2" in log and "dmd 1/2" in log and "|g|" in log and "critic" in log
-    r = script("eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--clips", 1, "--frames", 3, "--families", "orbit,pan")
+    r = script("eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--clips", 1, "--frames", 3, "--families", "orbit,pan",
+               "--out", out)
     runs = json.load(open(os.path.join(out, "eval.json")))["runs"]
     assert [r["steps"] for r in runs] == [1, 2, 4] and all(r["sampler"] == "student" for r in runs)
     # the teacher flag refuses a student checkpoint

@@ -91,7 +91,7 @@ def test_loops_through_the_student_and_distill(script, dataset, tmp_path):
     assert "--loopaug builds loops from a multi-view dataset" in r.stderr
     # the loop benchmark on the student
     r = script("eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--clips", 1, "--frames", 2, "--families", "pan",
-               "--steps", 1, "--loops", 1, "--loop_length", 4)
+               "--steps", 1, "--loops", 1, "--loop_length", 4, "--out", out)
     loops = json.load(open(os.path.join(out, "eval.json")))["loops"]
     assert set(loops) == {"orbit", "pan", "dolly"} and loops["orbit"]["frames"] == 13
 
