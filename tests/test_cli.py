@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 import pytest
 
 from conftest import ROOT
-from model import PRESETS, save_checkpoint
+from model import PRESETS, SHIPPED_STUDENT, save_checkpoint
 from test_model import random_model
 
 OWN = ("eval.py", "bench.py", "teacher.py", "distill.py", "loopaug.py", "data.py")
@@ -45,6 +45,7 @@ def files(tmp_path_factory):
 CASES = [
     ("eval.py", "--steps 0", "--steps must be at least 1"),
     ("eval.py", "--frames 0", "--frames must be at least 1"),
+    ("eval.py", "--clips 0", "--clips must be at least 1"),
     ("eval.py", "--frames x", "argument --frames: invalid int value"),
     ("eval.py", "--device gpu0", "--device gpu0: use cpu, cuda or cuda:N"),
     ("eval.py", "--device cuda", "CUDA is not available"),
@@ -133,15 +134,20 @@ def test_every_flag_has_help_text_and_a_row_in_the_readme():
 
 
 def test_eval_and_bench_from_another_directory(tmp_path):
-    """The default checkpoint (the shipped student) is found from any working directory and the
-    outputs land under that directory's runs/."""
-    r = run("eval.py", "--clips", 1, "--frames", 2, "--families", "orbit", "--steps", 1, "--stream", 0, cwd=tmp_path)
+    """The default checkpoint (the shipped student, model.SHIPPED_STUDENT: eval.py's and bench.py's
+    default) is found from any working directory, and the outputs land under that directory's
+    runs/. (bench.py runs on a tiny student here: on the shipped one it takes 20 s of CPU.)"""
+    r = run("eval.py", "--clips", 1, "--frames", 2, "--families", "orbit", "--steps", 1, "--stream", 0, cwd=tmp_path,
+            timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "student_small.pt: student" in r.stdout
     assert {"eval.json", "eval.png"} <= set(os.listdir(tmp_path / "runs" / "eval"))
-    r = run("bench.py", "--frames", 2, "--long", 6, "--teacher_steps", 1, cwd=tmp_path)
+    assert os.path.isabs(SHIPPED_STUDENT) and os.path.isfile(SHIPPED_STUDENT)
+    m = random_model(TINY)
+    save_checkpoint(str(tmp_path / "s.pt"), model=m.state_dict(), config=asdict(TINY), step=0, student=dict(steps=4))
+    r = run("bench.py", "--ckpt", "s.pt", "--frames", 2, "--long", 6, "--teacher_steps", 1, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert os.listdir(tmp_path) == ["runs"] and os.path.isfile(tmp_path / "runs" / "bench" / "bench.json")
+    assert sorted(os.listdir(tmp_path)) == ["runs", "s.pt"] and os.path.isfile(tmp_path / "runs" / "bench" / "bench.json")
 
 
 def test_a_run_leaves_the_clone_clean(tmp_path):
