@@ -3,14 +3,16 @@ Speed benchmark: one run, one table (and JSON), one machine, one model size.
 
     python bench.py                                  # the shipped student (checkpoints/student_small.pt)
     python bench.py --ckpt runs/student/ckpt.pt --long 2000
-    python bench.py --ckpt '' --preset base --device cuda --compile 1   # random weights: speed does not depend on them
+    python bench.py --ckpt '' --preset base --device cuda --compile   # random weights: speed does not depend on them
 
 Measures: the student streaming frame by frame (KV cache, rolling window) at 1, 2 and 4 steps;
 the bidirectional teacher producing the same frames with 50 Euler steps; per-frame time near
 frame 50 and near frame --long of one stream; teacher.py's training step; peak memory.
+Prints one table and writes runs/bench/bench.json (--out folder).
 """
 import argparse
 import json
+import os
 import resource
 import time
 from dataclasses import replace
@@ -22,25 +24,37 @@ import data
 from model import (PRESETS, SHIPPED_STUDENT, KVCache, RealCamDiT, add_noise, flops_per_forward, load_model, sample_t,
                    student_chunk, teacher_sample)
 
-p = argparse.ArgumentParser(description="RealCam-min speed benchmark.")
-p.add_argument("--preset", type=str, default="small", help="model preset (random weights) when --ckpt ''")
+p = data.ArgumentParser(description="RealCam-min speed benchmark.")
+p.add_argument("--preset", type=str, default="small", help=f"model preset (random weights) when --ckpt '': {', '.join(PRESETS)}")
 p.add_argument("--ckpt", type=str, default=SHIPPED_STUDENT,
-               help="benchmark this checkpoint's model (default: the shipped student; '' for --preset)")
+               help="benchmark this checkpoint's model (default: the shipped student, checkpoints/student_small.pt; "
+                    "'' for --preset)")
 p.add_argument("--frames", type=int, default=16, help="frames for the student/teacher comparison")
 p.add_argument("--long", type=int, default=2000, help="frame index for the long-stream measurement")
-p.add_argument("--window", type=int, default=None, help="rolling window (chunks) of the student (default: the checkpoint's, else 4)")
-p.add_argument("--teacher_steps", type=int, default=50)
-p.add_argument("--out", type=str, default="bench.json")
-p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
-p.add_argument("--compile", type=int, default=0, help="torch.compile the model (CUDA)")
+p.add_argument("--window", type=int, default=None,
+               help="rolling window (chunks) of the student, 0: all (default: the checkpoint's, else 4)")
+p.add_argument("--teacher_steps", type=int, default=50, help="the teacher's Euler sampling steps")
+p.add_argument("--out", type=str, default="runs/bench", help="output folder (created if missing): bench.json")
+p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model (CUDA)")
 args = p.parse_args()
+data.check_args(args, positive=("frames", "long", "teacher_steps"), nonneg=("window",))
+if not args.ckpt and args.preset not in PRESETS:
+    data.fail(f"unknown --preset '{args.preset}': choose from {', '.join(PRESETS)}")
+data.check_device(args.device)
+data.check_out_dir(args.out)
 
 dev, cuda = args.device, args.device.startswith("cuda")
 if args.ckpt:
     try:
         model, _ = load_model(args.ckpt, dev)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e} (or benchmark random weights of a preset: --ckpt '' --preset small)")
+    except FileNotFoundError as e:
+        hint = ("the shipped student is part of the repository: restore it with git checkout -- checkpoints/"
+                if os.path.abspath(args.ckpt) == SHIPPED_STUDENT else
+                "or benchmark random weights of a preset: --ckpt '' --preset small")
+        data.fail(f"{e} ({hint})")
+    except ValueError as e:
+        data.fail(e)
 else:
     torch.manual_seed(0)
     model = RealCamDiT(PRESETS[args.preset]).to(dev).eval()
@@ -141,8 +155,10 @@ print(f"rolling cache: {1000 * t50:.1f} ms/frame near frame 50, {1000 * tlong:.1
       f"(ratio {tlong / t50:.2f})")
 print(f"training step ({B} clips x {T} pairs): {1000 * step_s:.0f} ms, {B * T / step_s:.0f} frames/s, "
       f"{flops / step_s / 1e9:.0f} GFLOP/s | peak memory {mem:.2f} GiB")
-with open(args.out, "w") as f:
+os.makedirs(args.out, exist_ok=True)
+out = os.path.join(args.out, "bench.json")
+with open(out, "w") as f:
     json.dump(dict(device=device_name, size=S, dim=cfg.dim, depth=cfg.depth, rows=rows, t50_ms=1000 * t50,
                    tlong_ms=1000 * tlong, long=args.long, train_step_ms=1000 * step_s,
                    train_frames_per_s=B * T / step_s, train_gflops=flops / step_s / 1e9, peak_mem_gib=mem), f, indent=1)
-print(f"wrote {args.out}")
+print(f"wrote {out}")

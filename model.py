@@ -366,14 +366,15 @@ def student_timesteps(steps, shift):
     return [shift_t(1 - j / steps, shift) for j in range(steps)]
 
 
-def chunk_pass(model, cache, src, x, cam_src, cam_tgt, t, time, write):
+def chunk_pass(model, cache, src, x, cam_src, cam_tgt, t, time, write, with_src=False):
     """One KV-cached pass of a chunk's targets x (B, n, 3, H, W) at noise level t (B, n).
     If source tokens never see targets, the chunk's source frames were written to the cache
-    already (once, see student_chunk) and only the targets run; otherwise both run as pairs."""
+    already (once, see student_chunk) and only the targets run; otherwise, or with_src, both
+    run as pairs (the sources then encoded in this pass)."""
     B, n = x.shape[:2]
     ones = torch.ones(n, dtype=torch.long, device=x.device)
     cfg = model.cfg
-    if not cfg.src_sees_tgt:
+    if not cfg.src_sees_tgt and not with_src:
         return model.forward_frames(x, frame_cond(cfg, src, cam_tgt), t, time, ones, True, cache, write)
     pair = lambda a, b: torch.stack([a, b], 2).flatten(1, 2)
     out = model.forward_frames(pair(src, x), pair(frame_cond(cfg, None, cam_src), frame_cond(cfg, src, cam_tgt)), pair(torch.zeros_like(t), t),
@@ -381,29 +382,31 @@ def chunk_pass(model, cache, src, x, cam_src, cam_tgt, t, time, write):
     return out[:, 1::2]
 
 
-def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_step=None):
+def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_step=None, src_grad=False):
     """Generate one chunk of n target frames with the student's KV cache, in diffusion space.
     src (B, n, 3, H, W), cam_* (B, n, 6, H, W), time (n,) absolute pair indices,
     noise (steps, B, n, 3, H, W): the starting noise and the fresh noise of each re-noising.
     Runs steps 0..exit_step (default: all); only the last of them keeps gradients (when grad
-    is enabled), then a t = 0 pass without gradient writes the chunk's clean keys and values."""
+    is enabled), then a t = 0 pass without gradient writes the chunk's clean keys and values.
+    src_grad (training): the chunk's sources are not cached once but encoded inside every pass,
+    so the exit step's gradient also reaches the source path (the same outputs, more compute)."""
     B, n = src.shape[:2]
     ts = student_timesteps(steps, model.cfg.shift)
     last = steps - 1 if exit_step is None else exit_step
     grad = torch.is_grad_enabled()
     zeros = torch.zeros(B, n, device=src.device)
     with torch.no_grad():
-        if not model.cfg.src_sees_tgt:                                       # encode the source once
+        if not model.cfg.src_sees_tgt and not src_grad:                      # encode the source once
             model.forward_frames(src, frame_cond(model.cfg, None, cam_src), zeros, time, 0 * time, True, cache, True)
     x = noise[0]
     for j in range(last + 1):
         with torch.set_grad_enabled(grad and j == last):
-            out = chunk_pass(model, cache, src, x, cam_src, cam_tgt, zeros + ts[j], time, False)
+            out = chunk_pass(model, cache, src, x, cam_src, cam_tgt, zeros + ts[j], time, False, src_grad)
             x0 = to_x0(out, x, zeros + ts[j], model.cfg)                      # x0 = x_t - t v (or predicted)
         if j < last:
             x = (1 - ts[j + 1]) * x0 + ts[j + 1] * noise[j + 1]             # re-noise to t_{j+1}
     with torch.no_grad():
-        chunk_pass(model, cache, src, x0.detach(), cam_src, cam_tgt, zeros, time, True)   # clean KV
+        chunk_pass(model, cache, src, x0.detach(), cam_src, cam_tgt, zeros, time, True, src_grad)   # clean KV
     return x0
 
 
@@ -472,15 +475,21 @@ class StopFlag:
 
 
 def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint dict (config, model, ...). Errors are one line naming the file: missing
+    (FileNotFoundError), not a file torch.load reads, or not a RealCam-min checkpoint (ValueError)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:   # torch's own message runs to 8 lines and suggests weights_only=False
+        raise ValueError(f"cannot load checkpoint {path}: not a file torch.load reads ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a RealCam-min checkpoint (no config/model)")
+    return ckpt
 
 
-SHIPPED_STUDENT = "checkpoints/student_small.pt"   # the reference student in the repository
+# the reference student in the repository, found from any working directory
+SHIPPED_STUDENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "student_small.pt")
 
 
 def load_model(path, device="cpu", weights="ema"):

@@ -32,13 +32,14 @@ from model import (PRESETS, Config, RealCamDiT, StopFlag, add_noise, encode_targ
 DEFAULT_STEPS = {"tiny": 300, "small": 8000, "base": 100_000}
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, for MFU
 
-p = argparse.ArgumentParser(description="Train the RealCam-min bidirectional teacher.")
+p = data.ArgumentParser(description="Train the RealCam-min bidirectional teacher.")
 # model and data
-p.add_argument("--preset", type=str, default=None, help="model preset (default: small on CPU, base on CUDA)")
+p.add_argument("--preset", type=str, default=None,
+               help=f"model preset: {', '.join(PRESETS)} (default: small on CPU, base on CUDA)")
 p.add_argument("--data", type=str, default=None, help="on-disk multi-view dataset (default: synthetic stream)")
 p.add_argument("--pairs", type=int, default=None, help="(source, target) pairs a batch per process (default: 16 CPU, 64 CUDA)")
 p.add_argument("--max_pairs", type=int, default=6, help="pairs a clip are drawn from 1..max_pairs")
-p.add_argument("--static_share", type=float, default=data.P_STATIC, help="share of synthetic clips with the identity camera")
+p.add_argument("--static_share", type=float, default=data.P_STATIC, help="share of synthetic training clips with the identity camera, 0..1")
 p.add_argument("--pred", type=str, default=None, choices=["v", "x"], help="network output: velocity or clean x0 (default: the preset's)")
 p.add_argument("--cam_rope", type=str, default=None,
                help="camera RoPE: comma-separated inverse depths of the planes, one a head ('' = grid RoPE; default: the preset's)")
@@ -51,20 +52,34 @@ p.add_argument("--max_steps", type=int, default=None, help="training steps (defa
 p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
 p.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
 p.add_argument("--min_lr_frac", type=float, default=0.1, help="cosine decay to this fraction of lr")
-p.add_argument("--weight_decay", type=float, default=0.0)
+p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
 p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
 p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights")
 # io and runtime
 p.add_argument("--out", type=str, default="runs/teacher", help="output folder (ckpt.pt, samples, log)")
 p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-p.add_argument("--eval_every", type=int, default=500, help="steps between held-out evaluations")
+p.add_argument("--eval_every", type=int, default=500, help="steps between held-out evaluations, and one at the end (0: none)")
 p.add_argument("--eval_steps", type=int, default=25, help="Euler steps for the periodic evaluation")
 p.add_argument("--save_every", type=int, default=250, help="steps between checkpoints")
 p.add_argument("--stop_at", type=int, default=None, help="save and stop after this many steps (time-boxed runs; continue with --resume)")
-p.add_argument("--seed", type=int, default=0)
-p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
-p.add_argument("--compile", type=int, default=None, help="torch.compile (default: on for CUDA)")
+p.add_argument("--seed", type=int, default=0, help="data and noise seed")
+p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on for CUDA)")
 args = p.parse_args()
+data.check_args(args, positive=("pairs", "max_pairs", "max_steps", "eval_steps", "save_every"),
+                nonneg=("warmup", "eval_every", "stop_at"))
+if args.preset is not None and args.preset not in PRESETS:
+    data.fail(f"unknown --preset '{args.preset}': choose from {', '.join(PRESETS)}")
+if not (args.lr > 0 and args.clip > 0 and args.weight_decay >= 0 and 0 <= args.ema < 1 and 0 <= args.min_lr_frac <= 1):
+    data.fail("--lr and --clip must be positive, --weight_decay non-negative, --ema in [0, 1), --min_lr_frac in [0, 1]")
+if not 0 <= args.static_share <= 1:
+    data.fail(f"--static_share is a share of the clips, 0..1, got {args.static_share}")
+try:
+    cam_rope = None if args.cam_rope is None else tuple(float(r) for r in args.cam_rope.split(",") if r.strip())
+except ValueError:
+    data.fail(f"--cam_rope takes comma-separated numbers (inverse depths), got '{args.cam_rope}'")
+data.check_device(args.device)
+data.check_out_dir(args.out)
 
 # -----------------------------------------------------------------------------
 # setup: one code path for one process and for torchrun (DDP only when RANK is set)
@@ -90,12 +105,17 @@ autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autoc
 ckpt_path = os.path.join(args.out, "ckpt.pt")
 
 # model, EMA, optimizer (restored on --resume)
-ckpt = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+try:
+    ckpt = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+except ValueError as e:
+    data.fail(e)
+if ckpt and "student" in ckpt:
+    data.fail(f"{ckpt_path} is a student checkpoint; --resume continues a teacher (give another --out)")
 cfg = Config(**ckpt["config"]) if ckpt else PRESETS[args.preset]
 if not ckpt and args.pred is not None:
     cfg = replace(cfg, pred=args.pred)
-if not ckpt and args.cam_rope is not None:
-    cfg = replace(cfg, cam_rope=tuple(float(r) for r in args.cam_rope.split(",") if r.strip()))
+if not ckpt and cam_rope is not None:
+    cfg = replace(cfg, cam_rope=cam_rope)
 for k in ("residual", "src_concat"):
     if not ckpt and getattr(args, k) is not None:
         cfg = replace(cfg, **{k: getattr(args, k)})
@@ -162,7 +182,7 @@ try:
             raise SystemExit(130)
         last = step == args.max_steps
         # periodic held-out evaluation of the EMA weights (PSNR vs ground truth and copy-the-source)
-        if master and (step % args.eval_every == 0 or last) and step > start:
+        if master and args.eval_every and (step % args.eval_every == 0 or last) and step > start:
             res, (s, x, y) = quick_eval(ema, args.eval_steps, device=args.device)
             mean, _ = quick_eval(ema, 1, device=args.device)      # one step from noise: the posterior mean
             best = max(best, res["gain"])
