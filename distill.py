@@ -145,12 +145,15 @@ def critic_step(critic, opt_c, student, batch, steps, g, gs, clip, critic_t="flo
     return loss
 
 
-def dmd_step(student, opt, teacher, critic, batch, steps, g, gs, clip, src_grad=False, world=1, autocast=NO_AUTOCAST):
+def dmd_step(student, opt, teacher, critic, batch, steps, g, gs, clip, src_grad=False, recon=0.0, world=1,
+             autocast=NO_AUTOCAST):
     """The generator: a Self-Forcing rollout (one exit step shared by every chunk and rank, with
     gradient; src_grad: through the chunk's source encoding too), noised to one DMD t a sample,
     denoised by the frozen teacher (real) and the critic (fake); the DMD loss moves the rollout
-    toward the real denoising."""
-    src, _, cam_src, cam_tgt = batch
+    toward the real denoising. recon > 0 adds recon * mse(rollout, ground truth): multi-view
+    data has the true target (DESIGN section 4), and the term keeps what the source shows where
+    the geometry puts it while DMD keeps the texture sharp."""
+    src, tgt, cam_src, cam_tgt = batch
     (B, T), dev = src.shape[:2], src.device
     exit_step = int(torch.randint(steps, (1,), generator=gs))
     with autocast:
@@ -162,6 +165,8 @@ def dmd_step(student, opt, teacher, critic, batch, steps, g, gs, clip, src_grad=
         x0_real = to_x0(teacher(src, xt, cam_src, cam_tgt, t).float(), xt, t, teacher.cfg)
         x0_fake = to_x0(critic(src, xt, cam_src, cam_tgt, t).float(), xt, t, critic.cfg)
     loss, gnorm_g = dmd_loss(x, x0_real, x0_fake)
+    if recon > 0:
+        loss = loss + recon * F.mse_loss(x, encode_target(tgt, src, student.cfg))
     gn = optimize(student, opt, loss, clip, world)
     return loss, gnorm_g, gn, exit_step
 
@@ -209,6 +214,8 @@ def parse_args():
                    help="research: the critic's training timesteps drawn as the flow loss's (flow) or as the DMD loss's (dmd)")
     p.add_argument("--src_grad", action="store_true",
                    help="research: the DMD gradient also trains the source path (sources encoded with gradient at the exit step)")
+    p.add_argument("--recon", type=float, default=0.0,
+                   help="weight of a reconstruction term (mse of the rollout against the true target) added to DMD")
     p.add_argument("--ema", type=float, default=0.99, help="EMA decay of the student")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--eval_every", type=int, default=100,
@@ -221,8 +228,8 @@ def parse_args():
                                     "save_every"), nonneg=("window", "sink", "eval_every"))
     if not 0 <= args.loopaug <= 1:
         data.fail(f"--loopaug is a share of the rollouts, 0..1, got {args.loopaug}")
-    if not (args.lr > 0 and args.lr_critic > 0 and args.clip > 0 and 0 <= args.ema < 1):
-        data.fail("--lr, --lr_critic and --clip must be positive, --ema in [0, 1)")
+    if not (args.lr > 0 and args.lr_critic > 0 and args.clip > 0 and 0 <= args.ema < 1 and args.recon >= 0):
+        data.fail("--lr, --lr_critic and --clip must be positive, --recon non-negative, --ema in [0, 1)")
     if args.loopaug > 0 and not args.data:
         data.fail("--loopaug builds loops from a multi-view dataset: give --data DIR (python data.py --out DIR writes one)")
     data.check_device(args.device)
@@ -407,7 +414,7 @@ def main():
                         loss_c = critic_step(critic, opt_c, student, batch, args.steps, g, gs, args.clip, args.critic_t,
                                              world, autocast)
                     loss, gnorm_g, gn, exit_step = dmd_step(student, opt, teacher, critic, batch, args.steps, g, gs,
-                                                            args.clip, args.src_grad, world, autocast)
+                                                            args.clip, args.src_grad, args.recon, world, autocast)
                     msg += (f" | loss {loss.item():.3e} | critic {loss_c.item():.4f} | |g| {gnorm_g.mean().item():.2f}"
                             f" | gnorm {gn.item():.2f} | exit {exit_step}")
                 ema_update(ema, student, step, args.ema)
