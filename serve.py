@@ -51,6 +51,7 @@ class Hub:
     def __init__(self):
         self.cond = threading.Condition()
         self.latest, self.message, self.closed, self.viewers = None, None, False, 0
+        self.cpu_s = 0.0         # CPU time the viewers' threads spent (encoding, sending), all together
 
     def publish(self, index, src, out, meta):
         with self.cond:
@@ -105,8 +106,8 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/events":
             self.events()
         elif path == "/state":
-            self.reply(200, dict(srv.hub.state(), viewers=srv.hub.viewers, ended=srv.hub.closed,
-                                 keys=srv.keys, presets=data.PRESETS))
+            self.reply(200, dict(srv.hub.state(), viewers=srv.hub.viewers, viewer_cpu_s=srv.hub.cpu_s,
+                                 ended=srv.hub.closed, keys=srv.keys, presets=data.PRESETS))
         else:
             self.reply(404, {"error": f"no such page: {path}"})
 
@@ -143,15 +144,13 @@ class Handler(BaseHTTPRequestHandler):
             hub.viewers += 1
         try:
             index = -1
-            while True:
+            while not hub.closed:
+                cpu = time.thread_time()                            # waiting takes none of it
                 index, message = hub.next(index, timeout=2.0)
-                if message is not None:
-                    self.wfile.write(b"data: " + message + b"\n\n")
-                elif hub.closed:
-                    self.wfile.write(b"event: end\ndata: {}\n\n")
-                    break
-                else:
-                    self.wfile.write(b": waiting\n\n")             # a comment keeps the connection alive
+                self.wfile.write(b": waiting\n\n" if message is None else b"data: " + message + b"\n\n")
+                with hub.cond:
+                    hub.cpu_s += time.thread_time() - cpu
+            self.wfile.write(b"event: end\ndata: {}\n\n")
         except OSError:                                             # gone (reset, broken pipe) or stalled (timeout)
             pass
         finally:

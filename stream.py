@@ -378,7 +378,7 @@ def load_student(args):
     return model, ckpt["student"]["steps"]
 
 
-def main():
+def parser():
     p = argparse.ArgumentParser(description="Stream a video through the RealCam-min student with camera control.")
     p.add_argument("--video", type=str, default=None,
                    help="input video file (default: a built-in synthetic scene, 8 frames/s)")
@@ -409,7 +409,11 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda if available)")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = parser().parse_args()
     check_args(args)
 
     # trajectory and commands
@@ -502,7 +506,7 @@ def main():
     lat = torch.tensor(rec["latency_ms"])
     wall = time.perf_counter() - t_start
     log = dict(fps_input=fps, frames=n, frames_read=info["read"], steps=steps, fov=args.fov, stop=stop,
-               damaged=damaged, wall_s=wall, commands=controls.log, **rec)
+               damaged=damaged, wall_s=wall, viewer_cpu_s=hub.cpu_s if hub else 0.0, commands=controls.log, **rec)
     if args.realtime:
         d = torch.tensor(rec["delay_ms"])
         late = int((d > 1000 / fps).sum())

@@ -427,20 +427,21 @@ def test_live_view_in_chromium(tmp_path):
 
 
 def measure(args):
-    """Key press -> frame latency over args.presses presses (one viewer), then frames/s with 0, 1, 3
-    viewers in alternating phases of one stream, and plain stream.py before and after as the baseline."""
-    import statistics
+    """Key press -> frame latency over args.presses presses (one viewer); then frames/s of one stream
+    in alternating phases of 0 and k viewers (0, 1, 0, 3, 0, ...: the CPU is shared, so each k phase
+    is compared with the 0-viewer phases on either side), the CPU time of the viewers' threads, and
+    plain stream.py before and after as the baseline."""
+    import statistics as st
 
     def plain():
         with tempfile.TemporaryDirectory() as d:
-            r = subprocess.run([sys.executable, os.path.join(ROOT, "stream.py"), "--frames", str(args.frames),
-                                "--out", d], capture_output=True, text=True, check=True)
+            subprocess.run([sys.executable, os.path.join(ROOT, "stream.py"), "--frames", str(args.frames), "--out", d],
+                           capture_output=True, text=True, check=True)
             log = json.load(open(os.path.join(d, "stream_latency.json")))
             return log["frames"] / (sum(log["latency_ms"]) / 1000), log["frames"] / log["t"][-1]
 
     res = dict(plain_before=plain())
-    browser = Browser()
-    out = tempfile.mkdtemp()
+    browser, out = Browser(), tempfile.mkdtemp()
     srv = Server("--traj", "static", "--out", out)
     try:
         browser.open(srv.url)
@@ -454,47 +455,62 @@ def measure(args):
             browser.drag("#gen", 40, -20)
             time.sleep(2)
             browser.screenshot(args.screenshot)
-        tabs = [browser.s("GET", "/window")] + [browser.new_tab(srv.url) for _ in range(2)]
+        tabs = [browser.s("GET", "/window")] + [browser.new_tab("about:blank") for _ in range(2)]
         phases = []
-        for rep in range(args.reps):
-            for k in (0, 1, 3):
-                for j, tab in enumerate(tabs):                   # tabs 0..k-1 show the page, the others a blank one
-                    browser.switch(tab)
-                    browser.open(srv.url if j < k else "about:blank")
-                time.sleep(2)                                  # let them connect
-                f0 = srv.state()["frame"]
-                time.sleep(args.phase_s)
-                phases.append((k, f0 + 1, srv.state()["frame"]))
+        for k in [0] + [k for _ in range(args.reps) for k in (1, 0, 3, 0)]:
+            for j, tab in enumerate(tabs):                       # tabs 0..k-1 show the page, the others a blank one
+                browser.switch(tab)
+                browser.open(srv.url if j < k else "about:blank")
+            time.sleep(1.5)                                    # let them connect
+            s0 = srv.state()
+            time.sleep(args.phase_s)
+            s1 = srv.state()
+            phases.append(dict(k=k, a=s0["frame"] + 1, b=s1["frame"], cpu=s1["viewer_cpu_s"] - s0["viewer_cpu_s"]))
         srv.post('{"key": "q"}')
         srv.finish()
     finally:
         srv.kill()
         browser.close()
-    log = json.load(open(os.path.join(out, "stream_latency.json")))
-    t, lat, viewers = log["t"], log["latency_ms"], log["viewers"]
-    for k in (0, 1, 3):
-        gen, wall = [], []
-        for kk, a, b in phases:
-            if kk == k and all(v == k for v in viewers[a:b]):
-                gen.append((b - a) / (sum(lat[a:b]) / 1000))
-                wall.append((b - a - 1) / (t[b - 1] - t[a]))
-        res[f"viewers_{k}"] = (statistics.median(gen), statistics.median(wall), len(gen))
     res["plain_after"] = plain()
+    log = json.load(open(os.path.join(out, "stream_latency.json")))
+    for p in phases:
+        a, b = p["a"], p["b"]
+        p["ok"] = b - a > 2 and all(v == p["k"] for v in log["viewers"][a:b])
+        p["gen"] = (b - a) / (sum(log["latency_ms"][a:b]) / 1000)
+        p["loop"] = (b - a - 1) / (log["t"][b - 1] - log["t"][a])
+        p["cpu_ms"] = 1000 * p["cpu"] / max(b - a, 1)
+    for k in (0, 1, 3):
+        ks = [i for i, p in enumerate(phases) if p["k"] == k and p["ok"]]
+        row = {m: st.median(phases[i][m] for i in ks) for m in ("gen", "loop", "cpu_ms")}
+        if k:                                                  # against the 0-viewer phases on either side
+            for m in ("gen", "loop"):
+                row[m + "_ratio"] = st.median(phases[i][m] / st.mean([phases[i - 1][m], phases[i + 1][m]]) for i in ks
+                                              if phases[i - 1]["ok"] and i + 1 < len(phases) and phases[i + 1]["ok"])
+        res[f"viewers_{k}"] = dict(row, phases=len(ks))
+    res["phases"] = phases
     k = sorted(res["key_ms"])
-    print(f"key press -> first frame with the new camera, {len(k)} presses: median {statistics.median(k):.0f} ms, "
-          f"p95 {k[min(len(k) - 1, round(0.95 * (len(k) - 1)))]:.0f} ms (min {k[0]:.0f}, max {k[-1]:.0f})")
-    for name in ("plain_before", "viewers_0", "viewers_1", "viewers_3", "plain_after"):
-        print(f"{name:13s} generator {res[name][0]:.1f} frames/s, loop {res[name][1]:.1f} frames/s"
-              + (f" (median of {res[name][2]} phases of {args.phase_s:g} s)" if name.startswith("viewers") else ""))
-    json.dump(res, open(args.json, "w"), indent=1) if args.json else None
+    res["key_median_ms"], res["key_p95_ms"] = st.median(k), k[round(0.95 * (len(k) - 1))]
+    print(f"key press -> first frame with the new camera, {len(k)} presses: median {res['key_median_ms']:.0f} ms, "
+          f"p95 {res['key_p95_ms']:.0f} ms (min {k[0]:.0f}, max {k[-1]:.0f})")
+    for name in ("plain_before", "plain_after"):
+        print(f"{name:13s} generator {res[name][0]:.1f} frames/s, end to end {res[name][1]:.1f} frames/s")
+    for k in (0, 1, 3):
+        r = res[f"viewers_{k}"]
+        print(f"{k} viewers     generator {r['gen']:.1f} frames/s, end to end {r['loop']:.1f} frames/s, viewer threads "
+              f"{r['cpu_ms']:.2f} ms CPU a frame ({r['phases']} phases of {args.phase_s:g} s)"
+              + (f"; against the 0-viewer phases beside them: generator x{r['gen_ratio']:.3f}, "
+                 f"end to end x{r['loop_ratio']:.3f}" if k else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="Measure stream.py --serve on the shipped student in headless Chromium.")
     p.add_argument("--presses", type=int, default=20, help="key presses timed (key down in the page -> frame shown)")
-    p.add_argument("--reps", type=int, default=3, help="rounds of the 0 / 1 / 3 viewer phases")
-    p.add_argument("--phase_s", type=float, default=8.0, help="seconds a phase is measured")
+    p.add_argument("--reps", type=int, default=4, help="rounds of the phases 1, 0, 3, 0 viewers")
+    p.add_argument("--phase_s", type=float, default=6.0, help="seconds a phase is measured")
     p.add_argument("--frames", type=int, default=200, help="frames of each plain stream.py baseline run")
     p.add_argument("--screenshot", type=str, default="", help="save a screenshot of the page here (PNG)")
     p.add_argument("--json", type=str, default="", help="write the figures here (JSON)")

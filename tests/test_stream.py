@@ -296,6 +296,15 @@ def test_ctrl_c_keeps_a_playable_video(student, tmp_path):
     assert n > 0 and len(list(data.read_video(mp4))) == n
 
 
+def test_every_flag_has_help_and_a_readme_row():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    table = readme.split("### stream.py", 1)[1].split("\n#", 1)[0]
+    for action in stream.parser()._actions:
+        assert action.help, action.option_strings
+        if action.dest != "help":
+            assert f"`{action.option_strings[0]}" in table, f"{action.option_strings[0]} has no row in the README"
+
+
 def test_bench_end_to_end(script, student, tmp_path):
     """bench.py on the tiny student: every row, the long-stream and training figures, in one JSON."""
     out = str(tmp_path / "bench.json")
