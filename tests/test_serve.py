@@ -147,6 +147,7 @@ class Browser:
         opts = {"binary": CHROMIUM, "args": CHROMIUM_FLAGS + [f"--user-data-dir={self.profile}"]}
         caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": opts}}}
         self.session = "/session/" + self.call("POST", "/session", caps)["sessionId"]
+        self.s("POST", "/timeouts", {"script": 120000})           # async scripts may wait for slow frames
 
     def call(self, method, path, body=None):
         req = urllib.request.Request(self.base + path, method=method, headers={"Content-Type": "application/json"},
@@ -433,6 +434,20 @@ def measure(args):
     plain stream.py before and after as the baseline."""
     import statistics as st
 
+    def cpu_s(root):
+        """CPU seconds used so far by process `root` and its descendants (from /proc)."""
+        procs = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+                procs[int(pid)] = (int(f[1]), (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))
+            except (OSError, IndexError):
+                pass
+        tree = {root}
+        for _ in range(8):                                      # descendants, level by level
+            tree |= {p for p, (pp, _) in procs.items() if pp in tree}
+        return sum(procs[p][1] for p in tree if p in procs)
+
     def plain():
         with tempfile.TemporaryDirectory() as d:
             subprocess.run([sys.executable, os.path.join(ROOT, "stream.py"), "--frames", str(args.frames), "--out", d],
@@ -446,11 +461,13 @@ def measure(args):
     try:
         browser.open(srv.url)
         browser.wait("window.realcam.frames >= 3")
+        a = srv.state()["frame"] + 1
         for i in range(args.presses):                          # alternate orbit left / right
             browser.press("ad"[i % 2])
-            browser.wait(f"{KEYS_LATENCY} >= {i + 1}")
+            browser.wait(f"{KEYS_LATENCY} >= {i + 1}", timeout=120)
             time.sleep(0.3)
         res["key_ms"] = browser.js("return window.realcam.keyLatency;")
+        res["key_frames"] = (a, srv.state()["frame"])           # the generator's time a frame meanwhile: below
         if args.screenshot:
             browser.drag("#gen", 40, -20)
             time.sleep(2)
@@ -462,10 +479,11 @@ def measure(args):
                 browser.switch(tab)
                 browser.open(srv.url if j < k else "about:blank")
             time.sleep(1.5)                                    # let them connect
-            s0 = srv.state()
+            s0, c0, b0 = srv.state(), cpu_s(srv.proc.pid), cpu_s(browser.driver.pid)
             time.sleep(args.phase_s)
-            s1 = srv.state()
-            phases.append(dict(k=k, a=s0["frame"] + 1, b=s1["frame"], cpu=s1["viewer_cpu_s"] - s0["viewer_cpu_s"]))
+            s1, c1, b1 = srv.state(), cpu_s(srv.proc.pid), cpu_s(browser.driver.pid)
+            phases.append(dict(k=k, a=s0["frame"] + 1, b=s1["frame"], cpu=s1["viewer_cpu_s"] - s0["viewer_cpu_s"],
+                               server_cpu=c1 - c0, browser_cpu=b1 - b0))
         srv.post('{"key": "q"}')
         srv.finish()
     finally:
@@ -473,31 +491,40 @@ def measure(args):
         browser.close()
     res["plain_after"] = plain()
     log = json.load(open(os.path.join(out, "stream_latency.json")))
+    res["phases"] = phases
+    res["key_frame_ms"] = st.median(log["latency_ms"][res["key_frames"][0]:res["key_frames"][1]])
     for p in phases:
         a, b = p["a"], p["b"]
-        p["ok"] = b - a > 2 and all(v == p["k"] for v in log["viewers"][a:b])
-        p["gen"] = (b - a) / (sum(log["latency_ms"][a:b]) / 1000)
-        p["loop"] = (b - a - 1) / (log["t"][b - 1] - log["t"][a])
+        p["viewers"] = sorted(set(log["viewers"][a:b]))
+        p["ok"] = b - a > 2 and p["viewers"] == [p["k"]]
+        p["gen"] = (b - a) / (sum(log["latency_ms"][a:b]) / 1000) if b - a > 2 else 0.0
+        p["loop"] = (b - a - 1) / (log["t"][b - 1] - log["t"][a]) if b - a > 2 else 0.0
         p["cpu_ms"] = 1000 * p["cpu"] / max(b - a, 1)
+        p["cpu_share"] = p["cpu"] / max(p["server_cpu"], 1e-9)     # of the server process's CPU time
+        p["browser_cores"] = p["browser_cpu"] / args.phase_s
+        print(f"phase: {p['k']} viewers, frames {a}..{b - 1} (viewers seen {p['viewers']}): generator {p['gen']:.2f} "
+              f"frames/s, end to end {p['loop']:.2f}, viewer threads {p['cpu_ms']:.2f} ms CPU a frame = "
+              f"{100 * p['cpu_share']:.1f}% of the server's CPU time; browser {p['browser_cores']:.2f} cores")
     for k in (0, 1, 3):
         ks = [i for i, p in enumerate(phases) if p["k"] == k and p["ok"]]
-        row = {m: st.median(phases[i][m] for i in ks) for m in ("gen", "loop", "cpu_ms")}
+        row = {m: st.median(phases[i][m] for i in ks) for m in ("gen", "loop", "cpu_ms", "cpu_share", "browser_cores")}
         if k:                                                  # against the 0-viewer phases on either side
             for m in ("gen", "loop"):
                 row[m + "_ratio"] = st.median(phases[i][m] / st.mean([phases[i - 1][m], phases[i + 1][m]]) for i in ks
                                               if phases[i - 1]["ok"] and i + 1 < len(phases) and phases[i + 1]["ok"])
         res[f"viewers_{k}"] = dict(row, phases=len(ks))
-    res["phases"] = phases
     k = sorted(res["key_ms"])
     res["key_median_ms"], res["key_p95_ms"] = st.median(k), k[round(0.95 * (len(k) - 1))]
     print(f"key press -> first frame with the new camera, {len(k)} presses: median {res['key_median_ms']:.0f} ms, "
-          f"p95 {res['key_p95_ms']:.0f} ms (min {k[0]:.0f}, max {k[-1]:.0f})")
+          f"p95 {res['key_p95_ms']:.0f} ms (min {k[0]:.0f}, max {k[-1]:.0f}); the generator took a median "
+          f"{res['key_frame_ms']:.0f} ms a frame meanwhile")
     for name in ("plain_before", "plain_after"):
-        print(f"{name:13s} generator {res[name][0]:.1f} frames/s, end to end {res[name][1]:.1f} frames/s")
+        print(f"{name:13s} generator {res[name][0]:.2f} frames/s, end to end {res[name][1]:.2f} frames/s")
     for k in (0, 1, 3):
         r = res[f"viewers_{k}"]
-        print(f"{k} viewers     generator {r['gen']:.1f} frames/s, end to end {r['loop']:.1f} frames/s, viewer threads "
-              f"{r['cpu_ms']:.2f} ms CPU a frame ({r['phases']} phases of {args.phase_s:g} s)"
+        print(f"{k} viewers     generator {r['gen']:.2f} frames/s, end to end {r['loop']:.2f} frames/s, viewer threads "
+              f"{r['cpu_ms']:.2f} ms CPU a frame ({100 * r['cpu_share']:.1f}% of the server's), browser "
+              f"{r['browser_cores']:.2f} cores ({r['phases']} phases of {args.phase_s:g} s)"
               + (f"; against the 0-viewer phases beside them: generator x{r['gen_ratio']:.3f}, "
                  f"end to end x{r['loop_ratio']:.3f}" if k else ""))
     if args.json:
@@ -510,7 +537,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Measure stream.py --serve on the shipped student in headless Chromium.")
     p.add_argument("--presses", type=int, default=20, help="key presses timed (key down in the page -> frame shown)")
     p.add_argument("--reps", type=int, default=4, help="rounds of the phases 1, 0, 3, 0 viewers")
-    p.add_argument("--phase_s", type=float, default=6.0, help="seconds a phase is measured")
+    p.add_argument("--phase_s", type=float, default=10.0, help="seconds a phase is measured")
     p.add_argument("--frames", type=int, default=200, help="frames of each plain stream.py baseline run")
     p.add_argument("--screenshot", type=str, default="", help="save a screenshot of the page here (PNG)")
     p.add_argument("--json", type=str, default="", help="write the figures here (JSON)")
