@@ -497,7 +497,7 @@ def main():
             serve.stop(server)
     n = len(rec["t"])
     if args.video:
-        loops = f" ({info['loops']} times over)" if info["loops"] else ""
+        loops = f" (restarted {info['loops']} times)" if info["loops"] else ""
         print(f"read {info['read']} frames of {args.video}{loops}; stopped: {stop}")
     else:
         print(f"stopped: {stop}")
