@@ -11,6 +11,7 @@ per-frame time near frame 50 and near frame --long of one stream; teacher.py's t
 without its data (and MFU on a known GPU), the data of that step rendered on the same device
 against it; peak memory. Every timed row runs once untimed first (compilation, CUDA graph
 capture and memory allocation never land in a timed row).
+Prints one table and writes runs/bench/bench.json (--out folder).
 """
 import argparse
 import json
@@ -22,40 +23,46 @@ from dataclasses import replace
 import torch
 
 import data
-from model import (PRESETS, SHIPPED_STUDENT, KVCache, RealCamDiT, add_noise, attention_pairs, autocast_for, check_device,
+from model import (PRESETS, SHIPPED_STUDENT, KVCache, RealCamDiT, add_noise, attention_pairs, autocast_for,
                    compile_blocks, default_device, flops_per_forward, flow_loss, load_model, peak_flops, sample_t,
                    student_chunk, teacher_sample)
 
-p = argparse.ArgumentParser(description="RealCam-min speed benchmark.")
-p.add_argument("--preset", type=str, default="small", choices=list(PRESETS), help="model preset (random weights) when --ckpt ''")
+p = data.ArgumentParser(description="RealCam-min speed benchmark.")
+p.add_argument("--preset", type=str, default="small", help=f"model preset (random weights) when --ckpt '': {', '.join(PRESETS)}")
 p.add_argument("--ckpt", type=str, default=SHIPPED_STUDENT,
-               help="benchmark this checkpoint's model (default: the shipped student; '' for --preset)")
+               help="benchmark this checkpoint's model (default: the shipped student, checkpoints/student_small.pt; "
+                    "'' for --preset)")
 p.add_argument("--frames", type=int, default=16, help="frames streamed a student row, and given to the teacher at once")
-p.add_argument("--long", type=int, default=2000, help="frame index of the long-stream measurement (at least 60)")
-p.add_argument("--window", type=int, default=None, help="rolling window of the student, in chunks (default: the checkpoint's, else 4)")
+p.add_argument("--long", type=int, default=2000, help="frame index of the long-stream measurement (against frame 50)")
+p.add_argument("--window", type=int, default=None,
+               help="rolling window (chunks) of the student, 0: all (default: the checkpoint's, else 4)")
 p.add_argument("--teacher_steps", type=int, default=50, help="Euler steps of the teacher row")
 p.add_argument("--train_pairs", type=int, default=None, help="pairs of the training step's batch (default: 16 CPU, 64 CUDA)")
-p.add_argument("--out", type=str, default="runs/bench", help="output folder (bench.json)")
+p.add_argument("--out", type=str, default="runs/bench", help="output folder (created if missing): bench.json")
 p.add_argument("--device", type=str, default=default_device(), help="cpu, cuda or cuda:N (default: cuda if available)")
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                help="torch.compile the blocks of the teacher row and the training step")
 p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                help="replay the student's steady-state passes from CUDA graphs (default: on for CUDA)")
 args = p.parse_args()
-try:
-    for k, ok, what in [("frames", args.frames >= 1, "at least 1"), ("long", args.long >= 60, "at least 60"),
-                        ("teacher_steps", args.teacher_steps >= 1, "at least 1"),
-                        ("window", args.window is None or args.window >= 0, "0 or more"),
-                        ("train_pairs", args.train_pairs is None or args.train_pairs >= 1, "at least 1")]:
-        if not ok:
-            raise ValueError(f"--{k} must be {what}")
-    dev = check_device(args.device)
-    model = load_model(args.ckpt, dev)[0] if args.ckpt else None
-except (FileNotFoundError, ValueError) as e:
-    hint = " (or benchmark random weights of a preset: --ckpt '' --preset small)" if args.ckpt and "--" not in str(e) else ""
-    raise SystemExit(f"error: {e}{hint}")
-cuda = dev.startswith("cuda")
-if model is None:
+data.check_args(args, positive=("frames", "long", "teacher_steps", "train_pairs"), nonneg=("window",))
+if not args.ckpt and args.preset not in PRESETS:
+    data.fail(f"unknown --preset '{args.preset}': choose from {', '.join(PRESETS)}")
+data.check_device(args.device)
+data.check_out_dir(args.out)
+
+dev, cuda = args.device, args.device.startswith("cuda")
+if args.ckpt:
+    try:
+        model, _ = load_model(args.ckpt, dev)
+    except FileNotFoundError as e:
+        hint = ("the shipped student is part of the repository: restore it with git checkout -- checkpoints/"
+                if os.path.abspath(args.ckpt) == SHIPPED_STUDENT else
+                "or benchmark random weights of a preset: --ckpt '' --preset small")
+        data.fail(f"{e} ({hint})")
+    except ValueError as e:
+        data.fail(e)
+else:
     torch.manual_seed(0)
     model = RealCamDiT(PRESETS[args.preset]).to(dev).eval()
 model.cfg = replace(model.cfg, window=args.window if args.window is not None else (model.cfg.window if args.ckpt else 4))

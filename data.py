@@ -4,8 +4,8 @@ the on-disk multi-view format and video I/O.
 
 Write a small multi-view dataset (one mp4 per camera + cameras.json per scene) and a preview:
     python data.py --out data/synth --scenes 8
-Render a quick look at the training stream:
-    python data.py --preview_stream stream.mp4
+Convert MultiCamVideo scenes into the same format:
+    python data.py --multicam MultiCamVideo-Dataset/train/f24_aperture5 --out data/mcv --size 64 --fx 0.9
 
 Conventions (DESIGN.md section 3):
 - Cameras are OpenCV: x right, y down, z forward. Poses are camera-to-world 4x4 (c2w).
@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -227,20 +228,47 @@ def random_path(n, gen):
 
 def load_trajectory(path, n=None):
     """A JSON trajectory: a list of per-frame relative 4x4 poses (or {"poses": [...]}, optional
-    "zoom": [...]). Shorter than n frames: the last pose holds; longer: truncated."""
+    "zoom": [...] focal multipliers). Shorter than n frames: the last pose holds; longer:
+    truncated. Every pose must be finite and rigid (rotation orthonormal with det +1 within
+    1e-3, last row 0 0 0 1) and every zoom finite and positive: anything else is a ValueError
+    naming the file and the first bad frame (a NaN would poison the KV cache, a scaled matrix
+    would be taken as some other camera)."""
     try:
         with open(path) as f:
             obj = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise ValueError(f"cannot read trajectory {path}: {e}") from None
+    if isinstance(obj, dict) and "poses" not in obj:
+        raise ValueError(f"trajectory {path}: a JSON object needs a \"poses\" list "
+                         f"(keys found: {', '.join(obj) or 'none'})")
     poses = obj["poses"] if isinstance(obj, dict) else obj
     try:
         P = torch.tensor(poses, dtype=torch.float32)
-        zoom = torch.tensor(obj.get("zoom", [1.0] * len(P)) if isinstance(obj, dict) else [1.0] * len(P))
-    except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"trajectory {path}: expected a list of 4x4 poses ({e})") from None
-    if P.ndim != 3 or P.shape[1:] != (4, 4) or len(P) == 0 or len(zoom) != len(P):
+        zoom = obj.get("zoom", [1.0] * len(P)) if isinstance(obj, dict) else [1.0] * len(P)
+        zoom = torch.tensor(zoom, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"trajectory {path}: expected a list of 4x4 poses and a list of zoom numbers ({e})") from None
+    if P.ndim != 3 or P.shape[1:] != (4, 4) or len(P) == 0:
         raise ValueError(f"trajectory {path}: expected a list of 4x4 poses, got shape {tuple(P.shape)}")
+    if zoom.ndim != 1 or len(zoom) != len(P):
+        raise ValueError(f"trajectory {path}: \"zoom\" needs one number a pose ({len(P)}), got shape {tuple(zoom.shape)}")
+    bad = lambda mask, what: ValueError(f"trajectory {path}: frame {int(mask.nonzero()[0])} {what}")
+    finite = torch.isfinite(P).flatten(1).all(1)
+    if not finite.all():
+        raise bad(~finite, "has a NaN or infinite entry")
+    R = P[:, :3, :3]
+    ortho = (R @ R.transpose(1, 2) - torch.eye(3)).abs().amax((1, 2)) <= 1e-3
+    if not ortho.all():
+        raise bad(~ortho, "is not a rigid pose: its rotation part is not orthonormal (scale or shear?)")
+    det = torch.linalg.det(R) > 0
+    if not det.all():
+        raise bad(~det, "is not a rigid pose: its rotation part is a reflection (det -1)")
+    last = (P[:, 3] - torch.tensor([0.0, 0.0, 0.0, 1.0])).abs().amax(1) <= 1e-3
+    if not last.all():
+        raise bad(~last, "is not a rigid pose: its last row is not 0 0 0 1")
+    zok = torch.isfinite(zoom) & (zoom > 0)
+    if not zok.all():
+        raise bad(~zok, f"has zoom {zoom[~zok][0].item()}: zoom must be finite and positive")
     if n is not None:
         idx = torch.arange(n).clamp(max=len(P) - 1)
         P, zoom = P[idx], zoom[idx]
@@ -441,13 +469,20 @@ def render_clip(seed, n, H, W, rel=None, zoom=None, src_c2w=None, t0=0.0, ss=2, 
     return clip if z is None else dict(clip, depth_src=z[:n], depth_tgt=z[n:])
 
 
-def sample_clip(seed, n, H, W, ss=2, device="cpu"):
-    """One training clip: random scene, random source motion, and a target path drawn from
-    a preset family (random magnitude, random window of a longer path) or a random smooth path.
+P_STATIC = 0.1   # share of training clips whose target camera is the source camera (an exact copy)
+
+
+def sample_clip(seed, n, H, W, ss=2, p_static=P_STATIC, device="cpu"):
+    """One training clip: random scene, random source motion, and a target path: the identity
+    (a share p_static of the clips: the model must return its input exactly), a preset family (random
+    magnitude, random window of a longer path) or a random smooth path.
     Rendered on `device` (the training device: rendering on the CPU would starve a GPU)."""
     g = torch.Generator().manual_seed(int(seed))
     long = n + int(torch.randint(0, 16, (1,), generator=g))
-    if torch.rand(1, generator=g) < 0.5:
+    u = torch.rand(1, generator=g).item()
+    if u < p_static:
+        rel, zoom = preset_path("static", long)
+    elif u < 0.5 + p_static / 2:
         name = PRESETS[int(torch.randint(len(PRESETS), (1,), generator=g))]
         rel, zoom = preset_path(name, long, scale=0.3 + 1.0 * torch.rand(1, generator=g).item())
     else:
@@ -476,7 +511,7 @@ def clip_length(step, max_pairs, seed=0):
     return int(torch.randint(1, max_pairs + 1, (1,), generator=rng(seed, step, 0)))
 
 
-def synthetic_batch(step, pairs, max_pairs, H, W, seed=0, rank=0, device="cpu"):
+def synthetic_batch(step, pairs, max_pairs, H, W, seed=0, rank=0, p_static=P_STATIC, device="cpu"):
     """The batch of training step `step`: a pure function of (seed, step, rank), so resumed runs
     see exactly the data an uninterrupted run would. T pairs a clip (clip_length: shared by all
     ranks) and pairs // T clips, so every step carries about the same number of tokens.
@@ -486,7 +521,7 @@ def synthetic_batch(step, pairs, max_pairs, H, W, seed=0, rank=0, device="cpu"):
     T = clip_length(step, max_pairs, seed) if rank else T
     B = max(1, pairs // T)
     seeds = torch.randint(0, 2 ** 31 - 1, (B,), generator=g).tolist()   # training scenes < 2**31
-    return collate([sample_clip(s, T, H, W, device=device) for s in seeds])
+    return collate([sample_clip(s, T, H, W, p_static=p_static, device=device) for s in seeds])
 
 # -----------------------------------------------------------------------------
 # video I/O (PyAV through imageio): frame-by-frame, centre-crop + resize
@@ -747,32 +782,81 @@ def convert_multicam(scene_dir, out_dir, fx, size=64, every=1):
     write_scene(out_dir, torch.stack(frames), torch.stack(c2ws), K)
 
 
+# -----------------------------------------------------------------------------
+# command-line checks shared by the scripts: bad input ends in one `error:` line on stderr and
+# a non-zero exit, before any expensive work
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (a bad number, an unknown flag) are one `error:` line too."""
+
+    def error(self, message):
+        fail(f"{message} (see --help)")
+
+
+def check_device(name):
+    """--device: cpu, cuda or cuda:N, on a machine that has it (model.check_device)."""
+    from model import check_device
+    try:
+        return check_device(name)
+    except ValueError as e:
+        fail(f"--{e}")
+
+
+def check_args(args, positive=(), nonneg=()):
+    """Counts given on the command line: `positive` must be >= 1, `nonneg` >= 0 (None: the default
+    is decided later). Names are argparse destinations (--max_steps -> max_steps)."""
+    for names, lo in ((positive, 1), (nonneg, 0)):
+        for k in names:
+            v = getattr(args, k)
+            if v is not None and not v >= lo:
+                fail(f"--{k} must be {'at least 1' if lo else 'non-negative'}, got {v}")
+
+
+def check_out_dir(path):
+    """--out is a folder (created if missing), not an existing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"--out {path} is a file; --out names a folder")
+    return path
+
+
 if __name__ == "__main__":
     from tqdm import tqdm
-    p = argparse.ArgumentParser(description="Write a synthetic multi-view dataset in the on-disk format, "
+    p = ArgumentParser(description="Write a synthetic multi-view dataset in the on-disk format, "
                                 "or convert MultiCamVideo scenes (--multicam) into it.")
-    p.add_argument("--out", type=str, default="data/synth", help="output folder")
+    p.add_argument("--out", type=str, default="data/synth", help="output folder (created if missing)")
     p.add_argument("--scenes", type=int, default=8, help="number of scenes")
     p.add_argument("--cams", type=int, default=4, help="synchronized cameras a scene")
     p.add_argument("--frames", type=int, default=24, help="frames a camera")
-    p.add_argument("--size", type=int, default=32, help="frame size in pixels (square)")
-    p.add_argument("--seed", type=int, default=0, help="first scene seed")
+    p.add_argument("--size", type=int, default=32, help="frame side in pixels (square, even: H.264)")
+    p.add_argument("--seed", type=int, default=0, help="first scene seed (scene i uses seed + i)")
     p.add_argument("--multicam", type=str, default=None, help="convert the MultiCamVideo scenes under this folder")
-    p.add_argument("--fx", type=float, default=None, help="--multicam: focal length / side of the square crop")
+    p.add_argument("--fx", type=float, default=None, help="--multicam: focal length / side of the square crop (unitless)")
     p.add_argument("--every", type=int, default=1, help="--multicam: keep every n-th frame")
     args = p.parse_args()
+    check_args(args, positive=("scenes", "cams", "frames", "size", "every"))
+    if args.size % 2:
+        fail(f"--size must be even (H.264 frames have even sides), got {args.size}")
+    check_out_dir(args.out)
     if args.multicam:
         if args.fx is None:
-            raise SystemExit("error: --multicam needs --fx (focal length over the side of the square crop)")
+            fail("--multicam needs --fx (focal length over the side of the square crop)")
+        if not (math.isfinite(args.fx) and args.fx > 0):
+            fail(f"--fx must be a positive number, got {args.fx}")
+        if not os.path.isdir(args.multicam):
+            fail(f"--multicam folder not found: {args.multicam}")
         found = sorted(os.path.dirname(root) for root, _, files in os.walk(args.multicam)
                        if "camera_extrinsics.json" in files)
         if not found:
-            raise SystemExit(f"error: no cameras/camera_extrinsics.json under {args.multicam}")
+            fail(f"no cameras/camera_extrinsics.json under {args.multicam}")
         for i, sc in enumerate(tqdm(found, desc="scenes")):
             try:
                 convert_multicam(sc, os.path.join(args.out, f"scene_{i:05d}"), args.fx, args.size, args.every)
-            except (OSError, ValueError) as e:
-                raise SystemExit(f"error: {e}")
+            except (OSError, ValueError, KeyError) as e:
+                fail(e)
         print(f"converted {len(found)} scenes to {args.out}")
     else:
         preview = []

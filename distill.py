@@ -14,7 +14,6 @@ Stage `dmd`: Self-Forcing. The student generates the target chunk by chunk from 
 (model.student_chunk) and one exit step per rollout keeps gradients; the DMD loss compares the
 frozen teacher (real score) with a critic (fake score) trained online on the student's samples.
 """
-import argparse
 import copy
 import json
 import math
@@ -38,18 +37,20 @@ from model import (KVCache, StopFlag, add_noise, encode_target, flow_loss, load_
 # the pieces of the method
 
 
-def rollout(student, src, cam_src, cam_tgt, steps, exit_step, generator):
+def rollout(student, src, cam_src, cam_tgt, steps, exit_step, generator, src_grad=False):
     """Self-Forcing rollout: the student generates all T target frames chunk by chunk from its
     own KV cache, stopping every chunk at the same exit step. Only the exit step's forward keeps
-    gradients; the cache passes run without, so no gradient crosses chunks.
-    Returns x (B, T, 3, H, W) in diffusion space (the target, or target - source)."""
+    gradients (src_grad: the chunk's source encoding too); the cache passes run without, so no
+    gradient crosses chunks. Returns x (B, T, 3, H, W) in diffusion space (the target, or
+    target - source)."""
     cfg, (B, T) = student.cfg, src.shape[:2]
     cache, out = KVCache(cfg), []
     for c0 in range(0, T, cfg.chunk):
         sl = slice(c0, min(T, c0 + cfg.chunk))
         noise = torch.randn((steps, B, sl.stop - sl.start) + src.shape[2:], generator=generator).to(src.device)
         time = torch.arange(sl.start, sl.stop, device=src.device)
-        out.append(student_chunk(student, cache, src[:, sl], cam_src[:, sl], cam_tgt[:, sl], time, steps, noise, exit_step))
+        out.append(student_chunk(student, cache, src[:, sl], cam_src[:, sl], cam_tgt[:, sl], time, steps, noise, exit_step,
+                                 src_grad))
     return torch.cat(out, 1)
 
 
@@ -78,15 +79,119 @@ def dmd_timestep(B, shift, generator, lo=0.02, hi=0.98):
     """One t a sample for the DMD loss: uniform, shifted toward noise, clamped away from 0 and 1."""
     return shift_t(torch.rand(B, generator=generator), shift).clamp(lo, hi)
 
+
+def critic_timesteps(kind, B, shift, generator):
+    """The critic's training t (B, 1), one a sample: drawn as the flow loss's ('flow':
+    logit-normal/uniform, shifted) or as the DMD loss's ('dmd': dmd_timestep)."""
+    return sample_t((B, 1), shift, generator) if kind == "flow" else dmd_timestep(B, shift, generator)[:, None]
+
 # -----------------------------------------------------------------------------
+# one training step of each part; batch = (src, tgt, cam_src, cam_tgt) on the device,
+# g: this process's generator, gs: the generator shared by every rank (the exit steps)
+
+NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
 
-def main():
-    p = argparse.ArgumentParser(description="Distill the RealCam-min teacher into a causal few-step student.")
-    p.add_argument("--stage", type=str, default="all", choices=["all", "causal", "dmd"], help="stage to run")
-    p.add_argument("--teacher", type=str, default="runs/teacher/ckpt.pt", help="frozen teacher checkpoint")
-    p.add_argument("--init", type=str, default=None, help="start of the stage (default: teacher for causal, OUT/causal.pt for dmd)")
-    p.add_argument("--out", type=str, default="runs/student", help="output folder")
+def allreduce(model, world):
+    """Average gradients over processes by hand (the rollout calls the model many times outside
+    DistributedDataParallel's forward)."""
+    if world > 1:
+        for q in model.parameters():
+            if q.grad is not None:
+                dist.all_reduce(q.grad)
+                q.grad /= world
+
+
+def optimize(model, opt, loss, clip, world=1):
+    """Backward, all-reduce, clip, step. Returns the gradient norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    allreduce(model, world)
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return gn
+
+
+def causal_step(student, opt, batch, g, clip, world=1, autocast=NO_AUTOCAST):
+    """Causal adaptation: flow matching on ground-truth pairs under the block-causal mask, a noise
+    level a chunk, no loss on the clean chunks."""
+    src, tgt, cam_src, cam_tgt = batch
+    (B, T), cfg, dev = src.shape[:2], student.cfg, src.device
+    x0 = encode_target(tgt, src, cfg)
+    e = torch.randn(x0.shape, generator=g).to(dev)
+    t = chunk_timesteps(B, T, cfg.chunk, cfg.shift, g).to(dev)
+    with autocast:
+        out = student(src, add_noise(x0, e, t), cam_src, cam_tgt, t, causal=True)
+    w = (t > 0).float()                                                  # no loss on clean chunks
+    loss = (flow_loss(out, x0, e, t, cfg) * w).sum() / w.sum().clamp(min=1)
+    gn = optimize(student, opt, loss, clip, world)
+    return f" | loss {loss.item():.4f} | gnorm {gn.item():.2f}"
+
+
+def critic_step(critic, opt_c, student, batch, steps, g, gs, clip, critic_t="flow", world=1, autocast=NO_AUTOCAST):
+    """The fake score: flow matching on a fresh student rollout (detached), drawn as the
+    generator's are (a random exit step), so it scores the distribution DMD moves. Returns the loss."""
+    src, _, cam_src, cam_tgt = batch
+    (B, T), dev = src.shape[:2], src.device
+    exit_c = int(torch.randint(steps, (1,), generator=gs))
+    with torch.no_grad(), autocast:
+        xf = rollout(student, src, cam_src, cam_tgt, steps, exit_c, g).float()
+    tc = critic_timesteps(critic_t, B, critic.cfg.shift, g).expand(B, T).to(dev)
+    e = torch.randn(xf.shape, generator=g).to(dev)
+    with autocast:
+        oc = critic(src, add_noise(xf, e, tc), cam_src, cam_tgt, tc)
+    loss = flow_loss(oc, xf, e, tc, critic.cfg).mean()
+    optimize(critic, opt_c, loss, clip, world)
+    return loss
+
+
+def dmd_step(student, opt, teacher, critic, batch, steps, g, gs, clip, src_grad=False, recon=0.0, world=1,
+             autocast=NO_AUTOCAST):
+    """The generator: a Self-Forcing rollout (one exit step shared by every chunk and rank, with
+    gradient; src_grad: through the chunk's source encoding too), noised to one DMD t a sample,
+    denoised by the frozen teacher (real) and the critic (fake); the DMD loss moves the rollout
+    toward the real denoising. recon > 0 adds recon * mse(rollout, ground truth): multi-view
+    data has the true target (DESIGN section 4), and the term keeps what the source shows where
+    the geometry puts it while DMD keeps the texture sharp."""
+    src, tgt, cam_src, cam_tgt = batch
+    (B, T), dev = src.shape[:2], src.device
+    exit_step = int(torch.randint(steps, (1,), generator=gs))
+    with autocast:
+        x = rollout(student, src, cam_src, cam_tgt, steps, exit_step, g, src_grad).float()
+    t = dmd_timestep(B, student.cfg.shift, g)[:, None].expand(B, T).to(dev)
+    e = torch.randn(x.shape, generator=g).to(dev)
+    with torch.no_grad(), autocast:
+        xt = add_noise(x.detach(), e, t)
+        x0_real = to_x0(teacher(src, xt, cam_src, cam_tgt, t).float(), xt, t, teacher.cfg)
+        x0_fake = to_x0(critic(src, xt, cam_src, cam_tgt, t).float(), xt, t, critic.cfg)
+    loss, gnorm_g = dmd_loss(x, x0_real, x0_fake)
+    if recon > 0:
+        loss = loss + recon * F.mse_loss(x, encode_target(tgt, src, student.cfg))
+    gn = optimize(student, opt, loss, clip, world)
+    return loss, gnorm_g, gn, exit_step
+
+
+def ema_update(ema, model, step, decay):
+    with torch.no_grad():
+        d = min(decay, (1 + step) / (10 + step))
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - d)
+
+# -----------------------------------------------------------------------------
+# command line, checks, checkpoints
+
+
+def parse_args():
+    p = data.ArgumentParser(description="Distill the RealCam-min teacher into a causal few-step student.")
+    p.add_argument("--stage", type=str, default="all", choices=["all", "causal", "dmd"],
+                   help="stage to run (all: causal, then dmd)")
+    p.add_argument("--teacher", type=str, default="runs/teacher/ckpt.pt",
+                   help="frozen teacher checkpoint (the shipped one: checkpoints/teacher_small.pt)")
+    p.add_argument("--init", type=str, default=None,
+                   help="start of the first stage: a teacher for causal, a student for dmd "
+                        "(default: --teacher for causal, OUT/causal.pt for dmd)")
+    p.add_argument("--out", type=str, default="runs/student",
+                   help="output folder (created if missing): causal.pt, dmd.pt, ckpt.pt, log, samples")
     p.add_argument("--resume", action="store_true", help="continue the stage from OUT/<stage>.pt")
     # student
     p.add_argument("--chunk", type=int, default=1, help="pairs a chunk (1: frame by frame)")
@@ -95,8 +200,9 @@ def main():
     p.add_argument("--sink", type=int, default=0, help="first chunks always attended")
     p.add_argument("--steps", type=int, default=4, help="student denoising steps a chunk")
     # data and optimization
-    p.add_argument("--data", type=str, default=None, help="on-disk multi-view dataset (default: synthetic)")
-    p.add_argument("--loopaug", type=float, default=0.0, help="share of DMD rollouts drawn from LoopAug loops (needs --data)")
+    p.add_argument("--data", type=str, default=None, help="on-disk multi-view dataset folder (default: the synthetic stream)")
+    p.add_argument("--loopaug", type=float, default=0.0,
+                   help="share of DMD rollouts drawn from LoopAug loops, 0..1 (needs --data)")
     p.add_argument("--pairs", type=int, default=None, help="pairs a batch per process (default: 8 CPU, 32 CUDA)")
     p.add_argument("--max_pairs", type=int, default=6, help="rollout / clip lengths drawn from 1..max_pairs")
     p.add_argument("--causal_steps", type=int, default=None, help="causal-stage steps (default: per preset)")
@@ -104,35 +210,132 @@ def main():
     p.add_argument("--lr", type=float, default=5e-5, help="student learning rate (causal and DMD)")
     p.add_argument("--lr_critic", type=float, default=1e-4, help="critic learning rate")
     p.add_argument("--critic_steps", type=int, default=5, help="critic updates a generator update")
+    p.add_argument("--critic_t", type=str, default="flow", choices=["flow", "dmd"],
+                   help="research: the critic's training timesteps drawn as the flow loss's (flow) or as the DMD loss's (dmd)")
+    p.add_argument("--src_grad", action="store_true",
+                   help="research: the DMD gradient also trains the source path (sources encoded with gradient at the exit step)")
+    p.add_argument("--recon", type=float, default=0.0,
+                   help="weight of a reconstruction term (mse of the rollout against the true target) added to DMD")
     p.add_argument("--ema", type=float, default=0.99, help="EMA decay of the student")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
-    p.add_argument("--eval_every", type=int, default=100)
-    p.add_argument("--save_every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--eval_every", type=int, default=100,
+                   help="steps between held-out evaluations, and one at the end (0: none)")
+    p.add_argument("--save_every", type=int, default=50, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="data and noise seed")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     args = p.parse_args()
+    data.check_args(args, positive=("chunk", "steps", "pairs", "max_pairs", "causal_steps", "dmd_steps", "critic_steps",
+                                    "save_every"), nonneg=("window", "sink", "eval_every"))
+    if not 0 <= args.loopaug <= 1:
+        data.fail(f"--loopaug is a share of the rollouts, 0..1, got {args.loopaug}")
+    if not (args.lr > 0 and args.lr_critic > 0 and args.clip > 0 and 0 <= args.ema < 1 and args.recon >= 0):
+        data.fail("--lr, --lr_critic and --clip must be positive, --recon non-negative, --ema in [0, 1)")
+    if args.loopaug > 0 and not args.data:
+        data.fail("--loopaug builds loops from a multi-view dataset: give --data DIR (python data.py --out DIR writes one)")
+    data.check_device(args.device)
+    data.check_out_dir(args.out)
+    return args
 
-    # setup (DDP when launched by torchrun; gradients are all-reduced by hand, since the
-    # rollout calls the model many times outside DistributedDataParallel's forward)
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
-    else:
-        rank, world = 0, 1
+
+def load_start(path, want, what, hint=""):
+    """A checkpoint that must be a teacher (want='teacher') or a student; one error line otherwise."""
+    try:
+        ck = load_checkpoint(path)
+    except FileNotFoundError as e:
+        data.fail(f"{e}{hint}")
+    except ValueError as e:
+        data.fail(e)
+    kind = "student" if "student" in ck else "teacher"
+    if kind != want:
+        data.fail(f"{path} is a {kind} checkpoint; {what} needs a {want}"
+                  + (" (the bidirectional teacher: teacher.py)" if want == "teacher" else
+                     " (the causal stage's: OUT/causal.pt)"))
+    return ck
+
+
+def stage_start(stage, stages, args):
+    """Where a stage starts: OUT/<stage>.pt when resuming (--resume, or --stage all, which
+    continues what it finds), else --init for the first stage, the teacher for causal and
+    OUT/causal.pt for dmd. Returns (path, resume)."""
+    path = os.path.join(args.out, f"{stage}.pt")
+    if (args.resume or args.stage == "all") and os.path.exists(path):
+        return path, True
+    if args.init and stage == stages[0]:
+        return args.init, False
+    return (args.teacher if stage == "causal" else os.path.join(args.out, "causal.pt")), False
+
+
+def same_network(a, b):
+    """Do two configs describe the same network (the student's chunk, window and sink aside)?"""
+    free = dict(chunk=1, window=0, sink=0)
+    return replace(Config(**a), **free) == replace(Config(**b), **free)
+
+def build_stage(stage, ck, resume, scfg, tcfg, tweights, args, dev):
+    """The stage's student (the start checkpoint's EMA weights, or resumed), its EMA and AdamW;
+    for DMD the critic, the fake score: a bidirectional copy of the teacher trained online.
+    On resume, optimizers, step and RNG state are restored. Returns (student, ema, opt, critic,
+    opt_c, start step)."""
+    student = RealCamDiT(scfg).to(dev)
+    student.load_state_dict(ck["model"] if resume else (ck.get("ema") or ck["model"]))
+    ema = copy.deepcopy(student).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.0 if stage == "dmd" else 0.9, 0.99), weight_decay=0.0)
+    critic = opt_c = None
+    if stage == "dmd":
+        critic = RealCamDiT(tcfg).to(dev)
+        critic.load_state_dict(ck["critic"] if resume else tweights)
+        opt_c = torch.optim.AdamW(critic.parameters(), lr=args.lr_critic, betas=(0.0, 0.99), weight_decay=0.0)
+    if not resume:
+        return student, ema, opt, critic, opt_c, 0
+    ema.load_state_dict(ck["ema"])
+    opt.load_state_dict(ck["optim"])
+    if critic is not None:
+        opt_c.load_state_dict(ck["optim_critic"])
+    torch.set_rng_state(ck["rng"]["cpu"])
+    if dev.startswith("cuda") and "cuda" in ck["rng"]:
+        torch.cuda.set_rng_state(ck["rng"]["cuda"])
+    return student, ema, opt, critic, opt_c, ck["step"]
+
+def setup_ddp(args):
+    """DDP when launched by torchrun (RANK set): one process a device; gradients are all-reduced
+    by hand (allreduce). Returns (ddp, rank, world)."""
+    if "RANK" not in os.environ:
+        return False, 0, 1
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    return True, dist.get_rank(), dist.get_world_size()
+
+
+def evaluate(ema, stage, step, steps, out, dev):
+    """Held-out figures of the student's EMA at `steps` steps (evals.jsonl) and a sample video
+    and strip. Returns the log line."""
+    res, (s, x, y) = quick_eval(ema, steps, student=True, device=dev)
+    with open(os.path.join(out, "evals.jsonl"), "a") as f:
+        f.write(json.dumps(dict(stage=stage, step=step, sample=res)) + "\n")
+    save_sample_video(os.path.join(out, f"sample_{stage}.mp4"), s, x, y)
+    save_strip(os.path.join(out, f"sample_{stage}.png"), s, x, y)
+    return f"eval {stage} {step} | {format_quick(res)}"
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    args = parse_args()
+    ddp, rank, world = setup_ddp(args)
     master, cuda, dev = rank == 0, args.device.startswith("cuda"), args.device
     args.pairs = args.pairs or (32 if cuda else 8)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else NO_AUTOCAST
     torch.manual_seed(args.seed + rank)
-    try:
-        tckpt = load_checkpoint(args.teacher)
-        if "student" in tckpt:
-            raise ValueError(f"{args.teacher} is a student checkpoint; --teacher needs the bidirectional teacher")
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e} (train one with: python teacher.py)")
+    hint = (" (train one with: python teacher.py, or distill the shipped one: --teacher checkpoints/teacher_small.pt)"
+            if args.teacher == "runs/teacher/ckpt.pt" else " (train one with: python teacher.py)")
+    tckpt = load_start(args.teacher, "teacher", "--teacher", hint)
+    stages = ["causal", "dmd"] if args.stage == "all" else [args.stage]
+    first, resume = stage_start(stages[0], stages, args)    # checked before any work
+    ick = load_start(first, "student" if resume or stages[0] == "dmd" else "teacher", f"the {stages[0]} stage's start",
+                     "" if args.init or resume or stages[0] == "causal" else " (run --stage causal first, or give --init)")
+    if not same_network(ick["config"], tckpt["config"]):
+        data.fail(f"{first} is another network than the teacher {args.teacher} (its config differs)")
     tcfg = Config(**tckpt["config"])
     preset = next((k for k, v in {"tiny": 16, "small": 32, "base": 64}.items() if v == tcfg.size), "small")
     args.causal_steps = args.causal_steps if args.causal_steps is not None else {"tiny": 50, "small": 600, "base": 3000}[preset]
@@ -144,14 +347,11 @@ def main():
     try:
         dataset = data.MultiViewDataset(args.data, scfg.size) if args.data else None
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    if args.loopaug > 0 and dataset is None:
-        raise SystemExit("error: --loopaug builds loops from a multi-view dataset: give --data DIR "
-                         "(python data.py --out DIR writes one)")
+        data.fail(e)
     loops = LoopSampler(None, scfg.size, scenes=dataset.scenes) if args.loopaug > 0 else None
     os.makedirs(args.out, exist_ok=True)
 
-    def get_batch(step, stage="causal"):
+    def get_batch(step, stage):
         u = torch.rand(1, generator=data.rng(args.seed, step, 3)).item()     # tag 3: loop or not
         if loops and stage == "dmd" and u < args.loopaug:
             b = loops.batch(step, args.pairs, args.max_pairs, args.seed, rank)
@@ -162,53 +362,17 @@ def main():
         cam_src, cam_tgt = data.pair_rays(b["rel"], b["K_src"], b["K_tgt"], scfg.size, scfg.size)
         return [x.to(dev) for x in (b["src"], b["tgt"], cam_src, cam_tgt)]
 
-    def allreduce(model):
-        if ddp:
-            for q in model.parameters():
-                if q.grad is not None:
-                    dist.all_reduce(q.grad)
-                    q.grad /= world
-
-    def ema_update(ema, model, step):
-        with torch.no_grad():
-            d = min(args.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
-
     interrupt = StopFlag()
-    stages = ["causal", "dmd"] if args.stage == "all" else [args.stage]
     for stage in stages:
         path, max_steps = os.path.join(args.out, f"{stage}.pt"), getattr(args, f"{stage}_steps")
-        init = args.init if (args.init and stage == stages[0]) else (args.teacher if stage == "causal" else os.path.join(args.out, "causal.pt"))
-        resume = (args.resume or args.stage == "all") and os.path.exists(path)
-        try:
-            ck = load_checkpoint(path if resume else init)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
+        start_path, resume = stage_start(stage, stages, args)
+        ck = load_start(start_path, "student" if resume or stage == "dmd" else "teacher", f"the {stage} stage's start")
         if resume and ck["step"] >= max_steps:
             if master:
                 print(f"{stage}: already done ({path}, step {ck['step']})")
             continue
-        student = RealCamDiT(scfg).to(dev)
-        student.load_state_dict(ck["model"] if resume else (ck.get("ema") or ck["model"]))   # start: the EMA
-        ema = copy.deepcopy(student).requires_grad_(False).eval()
-        if resume:
-            ema.load_state_dict(ck["ema"])
-        opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.0 if stage == "dmd" else 0.9, 0.99), weight_decay=0.0)
-        critic = opt_c = None
-        if stage == "dmd":       # the fake score: a bidirectional copy of the teacher, trained online
-            critic = RealCamDiT(tcfg).to(dev)
-            critic.load_state_dict(ck["critic"] if resume else tweights)
-            opt_c = torch.optim.AdamW(critic.parameters(), lr=args.lr_critic, betas=(0.0, 0.99), weight_decay=0.0)
-        tag, start = {"causal": 4, "dmd": 5}[stage], 0       # the stage's RNG tag
-        if resume:
-            opt.load_state_dict(ck["optim"])
-            if critic is not None:
-                opt_c.load_state_dict(ck["optim_critic"])
-            start = ck["step"]
-            torch.set_rng_state(ck["rng"]["cpu"])
-            if cuda and "cuda" in ck["rng"]:
-                torch.cuda.set_rng_state(ck["rng"]["cuda"])
+        student, ema, opt, critic, opt_c, start = build_stage(stage, ck, resume, scfg, tcfg, tweights, args, dev)
+        tag = {"causal": 4, "dmd": 5}[stage]                 # the stage's RNG tag
 
         def save(step):
             if not master:
@@ -220,7 +384,7 @@ def main():
                             rng={"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})})
 
         if master:
-            print(f"{stage}: {start}..{max_steps} steps from {path if resume else init}, chunk {scfg.chunk}, "
+            print(f"{stage}: {start}..{max_steps} steps from {start_path}, chunk {scfg.chunk}, "
                   f"window {scfg.window}, {args.steps} steps a chunk, {args.pairs} pairs x {world} a step")
         bar = tqdm(range(start, max_steps + 1), disable=not master, dynamic_ncols=True, mininterval=5)
         try:
@@ -231,13 +395,8 @@ def main():
                         save(step)
                     raise SystemExit(130)
                 last = step == max_steps
-                if master and (step % args.eval_every == 0 or last) and step > start:
-                    res, (s, x, y) = quick_eval(ema, args.steps, student=True, device=dev)
-                    bar.write(f"eval {stage} {step} | {format_quick(res)}")
-                    with open(os.path.join(args.out, "evals.jsonl"), "a") as f:
-                        f.write(json.dumps(dict(stage=stage, step=step, sample=res)) + "\n")
-                    save_sample_video(os.path.join(args.out, f"sample_{stage}.mp4"), s, x, y)
-                    save_strip(os.path.join(args.out, f"sample_{stage}.png"), s, x, y)
+                if master and args.eval_every and (step % args.eval_every == 0 or last) and step > start:
+                    bar.write(evaluate(ema, stage, step, args.steps, args.out, dev))
                 if (step % args.save_every == 0 or last) and step > start:
                     save(step)
                 if last:
@@ -245,61 +404,20 @@ def main():
                 t0 = time.time()
                 g = data.rng(args.seed, tag, step, rank)
                 gs = data.rng(args.seed, tag, step)                 # shared by ranks
-                src, tgt, cam_src, cam_tgt = get_batch(step, stage)
-                B, T = src.shape[:2]
-                msg = f"{stage} {step}/{max_steps} | T {T}"
+                batch = get_batch(step, stage)
+                msg = f"{stage} {step}/{max_steps} | T {batch[0].shape[1]}"
                 if stage == "causal":
-                    # flow matching with the block-causal mask, a noise level a chunk
-                    x0 = encode_target(tgt, src, scfg)
-                    e = torch.randn(x0.shape, generator=g).to(dev)
-                    t = chunk_timesteps(B, T, scfg.chunk, scfg.shift, g).to(dev)
-                    with autocast:
-                        out = student(src, add_noise(x0, e, t), cam_src, cam_tgt, t, causal=True)
-                    w = (t > 0).float()                                        # no loss on clean chunks
-                    loss = (flow_loss(out, x0, e, t, scfg) * w).sum() / w.sum().clamp(min=1)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    allreduce(student)
-                    gn = torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip)
-                    opt.step()
-                    msg += f" | loss {loss.item():.4f} | gnorm {gn.item():.2f}"
+                    msg += causal_step(student, opt, batch, g, args.clip, world, autocast)
                 else:
-                    # critic: flow matching on fresh student samples (detached), critic_steps times, drawn
-                    # as the generator's are (random exit step), so it scores the distribution DMD moves
                     loss_c = torch.zeros(())
                     for _ in range(args.critic_steps):
-                        exit_c = int(torch.randint(args.steps, (1,), generator=gs))
-                        with torch.no_grad(), autocast:
-                            xf = rollout(student, src, cam_src, cam_tgt, args.steps, exit_c, g).float()
-                        tc = sample_t((B, 1), scfg.shift, g).expand(B, T).to(dev)
-                        e = torch.randn(xf.shape, generator=g).to(dev)
-                        with autocast:
-                            oc = critic(src, add_noise(xf, e, tc), cam_src, cam_tgt, tc)
-                        loss_c = flow_loss(oc, xf, e, tc, tcfg).mean()
-                        opt_c.zero_grad(set_to_none=True)
-                        loss_c.backward()
-                        allreduce(critic)
-                        torch.nn.utils.clip_grad_norm_(critic.parameters(), args.clip)
-                        opt_c.step()
-                    # generator: Self-Forcing rollout, one exit step shared by every chunk and rank
-                    exit_step = int(torch.randint(args.steps, (1,), generator=gs))
-                    with autocast:
-                        x = rollout(student, src, cam_src, cam_tgt, args.steps, exit_step, g).float()
-                    t = dmd_timestep(B, scfg.shift, g)[:, None].expand(B, T).to(dev)
-                    e = torch.randn(x.shape, generator=g).to(dev)
-                    with torch.no_grad(), autocast:
-                        xt = add_noise(x.detach(), e, t)
-                        x0_real = to_x0(teacher(src, xt, cam_src, cam_tgt, t).float(), xt, t, tcfg)
-                        x0_fake = to_x0(critic(src, xt, cam_src, cam_tgt, t).float(), xt, t, tcfg)
-                    loss, gnorm_g = dmd_loss(x, x0_real, x0_fake)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    allreduce(student)
-                    gn = torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip)
-                    opt.step()
+                        loss_c = critic_step(critic, opt_c, student, batch, args.steps, g, gs, args.clip, args.critic_t,
+                                             world, autocast)
+                    loss, gnorm_g, gn, exit_step = dmd_step(student, opt, teacher, critic, batch, args.steps, g, gs,
+                                                            args.clip, args.src_grad, args.recon, world, autocast)
                     msg += (f" | loss {loss.item():.3e} | critic {loss_c.item():.4f} | |g| {gnorm_g.mean().item():.2f}"
                             f" | gnorm {gn.item():.2f} | exit {exit_step}")
-                ema_update(ema, student, step)
+                ema_update(ema, student, step, args.ema)
                 if master:
                     msg += f" | {1000 * (time.time() - t0):.0f} ms"
                     with open(os.path.join(args.out, "log.txt"), "a") as f:

@@ -6,8 +6,10 @@ trajectory family: PSNR against the rendered ground truth on all pixels, on the 
 and on the rest (disoccluded: where the model must invent), next to copy-the-source and, on the
 co-visible pixels, the depth-warp oracle (the source resampled with the true depth: what perfect
 geometry gives at this resolution); SSIM; temporal flicker; time per generated frame; for
-students, a 48-frame orbit streamed through the KV cache, by thirds. Prints a table, writes JSON.
+students, a 48-frame orbit streamed through the KV cache, by thirds. Prints a table, writes
+runs/eval/eval.json and eval.png (--out).
 
+    python eval.py                                     # the shipped student (checkpoints/)
     python eval.py --ckpt runs/teacher/ckpt.pt
     python eval.py --ckpt runs/teacher/ckpt.pt --clips 2 --frames 4 --steps 10   # quick look
 """
@@ -212,33 +214,58 @@ def save_sample_video(path, src, gen, tgt, fps=4.0):
 
 # -----------------------------------------------------------------------------
 
+def parse_steps(text):
+    """--steps: a comma-separated list of positive integers."""
+    try:
+        steps = [int(v) for v in text.split(",")]
+    except ValueError:
+        data.fail(f"--steps takes comma-separated whole numbers (e.g. 1,2,4), got '{text}'")
+    if any(v < 1 for v in steps):
+        data.fail(f"--steps must be at least 1, got {text}")
+    return steps
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Evaluate a RealCam-min checkpoint on held-out scenes.")
+    p = data.ArgumentParser(description="Evaluate a RealCam-min checkpoint on held-out scenes.")
     p.add_argument("--ckpt", type=str, default=SHIPPED_STUDENT,
-                   help="checkpoint path, teacher or student (default: the shipped student)")
+                   help="checkpoint, teacher or student (default: the shipped student, checkpoints/student_small.pt)")
     p.add_argument("--clips", type=int, default=6, help="held-out clips a family")
     p.add_argument("--frames", type=int, default=8, help="frames (pairs) a clip")
     p.add_argument("--steps", type=str, default=None,
                    help="comma-separated sampling steps (default: 50 for a teacher, 1,2,4 for a student)")
-    p.add_argument("--families", type=str, default=",".join(FAMILIES), help="comma-separated families")
-    p.add_argument("--out", type=str, default=None, help="JSON output (default: eval.json next to the checkpoint)")
+    p.add_argument("--families", type=str, default=",".join(FAMILIES), help="comma-separated trajectory families")
+    p.add_argument("--out", type=str, default="runs/eval", help="output folder (created if missing): eval.json, eval.png")
     p.add_argument("--stream", type=int, default=4, help="students: clips of the long orbit stream (0: skip)")
-    p.add_argument("--stream_frames", type=int, default=48, help="frames of the long orbit stream")
+    p.add_argument("--stream_frames", type=int, default=48,
+                   help="frames of the long orbit stream (at least 3: reported by thirds)")
     p.add_argument("--loops", type=int, default=0, help="also run the loop benchmark: clips a loop (0: skip)")
-    p.add_argument("--loop_length", type=int, default=13, help="frames of each outbound half of a loop")
-    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--loop_length", type=int, default=13, help="frames of each outbound half of a loop (at least 3)")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     args = p.parse_args()
-    try:
-        model, ckpt = load_model(args.ckpt, args.device)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    student = "student" in ckpt
-    S = model.cfg.size
+    data.check_args(args, positive=("clips", "frames"), nonneg=("stream", "loops"))
+    steps_list = parse_steps(args.steps) if args.steps is not None else None
+    if args.stream and args.stream_frames < 3:
+        data.fail(f"--stream_frames must be at least 3 (the stream is reported by thirds), got {args.stream_frames}")
+    if args.loops and args.loop_length < 3:
+        data.fail(f"--loop_length must be at least 3 (a shorter loop revisits no pose but the identity), got {args.loop_length}")
     families = args.families.split(",")
     for f in families:
         if f not in FAMILIES:
-            raise SystemExit(f"error: unknown family '{f}': choose from {', '.join(FAMILIES)}")
-    steps_list = [int(s) for s in (args.steps or ("1,2,4" if student else "50")).split(",")]
+            data.fail(f"unknown family '{f}': choose from {', '.join(FAMILIES)}")
+    data.check_device(args.device)
+    data.check_out_dir(args.out)
+    try:
+        model, ckpt = load_model(args.ckpt, args.device)
+    except FileNotFoundError as e:
+        hint = ("the shipped student is part of the repository: restore it with git checkout -- checkpoints/"
+                if os.path.abspath(args.ckpt) == SHIPPED_STUDENT else
+                "train a teacher with teacher.py and a student with distill.py, or leave --ckpt out for the shipped student")
+        data.fail(f"{e} ({hint})")
+    except ValueError as e:
+        data.fail(e)
+    student = "student" in ckpt
+    S = model.cfg.size
+    steps_list = steps_list or ([1, 2, 4] if student else [50])
     kind = "student (block-causal, KV cache)" if student else "teacher (bidirectional, Euler)"
     print(f"{args.ckpt}: {kind}, step {ckpt.get('step')}, {S}x{S}, {args.clips} clips x {args.frames} frames a family")
     batches = {fam: heldout_batch(fam, args.clips, args.frames, S) for fam in families}
@@ -298,11 +325,12 @@ if __name__ == "__main__":
             print(f"{name:8s} {loops[name]['frames']:6d} {r['closure']:8.2f} {r['return_psnr']:7.2f} "
                   f"{r['out_psnr']:7.2f} {r['return_copy']:7.2f}")
         print("closure: PSNR between generated frames at the same pose out and back; return/out: PSNR vs truth")
-    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "eval.json")
+    os.makedirs(args.out, exist_ok=True)
+    out = os.path.join(args.out, "eval.json")
     with open(out, "w") as f:
         json.dump(dict(ckpt=args.ckpt, step=ckpt.get("step"), clips=args.clips, frames=args.frames,
                        device=args.device, runs=runs, stream=long, loops=loops), f, indent=1)
-    png = out.replace(".json", ".png")
+    png = os.path.join(args.out, "eval.png")
     save_strip(png, *[torch.cat(v, 1) for v in zip(*strip)])
     print(f"* mean over the moving families (static: the target is the source, copy is exact)\n"
           f"wrote {out} and {png} (rows: source / generated / truth; families left to right)")

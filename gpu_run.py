@@ -30,7 +30,15 @@ import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-p = argparse.ArgumentParser(description="The prepared single-GPU run of RealCam-min.")
+class ArgumentParser(argparse.ArgumentParser):
+    """Usage errors in one `error:` line, as data.ArgumentParser (data.py imports torch, which this
+    script checks for itself)."""
+
+    def error(self, message):
+        raise SystemExit(f"error: {message} (see --help)")
+
+
+p = ArgumentParser(description="The prepared single-GPU run of RealCam-min.")
 p.add_argument("--out", type=str, default="runs/gpu", help="output folder: the files to bring back (at most 8)")
 p.add_argument("--work", type=str, default="runs/gpu_work", help="working folder: checkpoints, full logs")
 p.add_argument("--budget", type=float, default=9.0, help="wall-clock budget of the whole run (minutes)")
@@ -105,10 +113,8 @@ def load_json(path):
 
 
 def eval_files(out):
-    """eval.py's JSON and PNG for --out `out`: a file (and its .png) or a folder (eval.json, eval.png)."""
-    if os.path.isdir(out):
-        return os.path.join(out, "eval.json"), os.path.join(out, "eval.png")
-    return out, out.replace(".json", ".png")
+    """eval.py's JSON and PNG in its --out folder."""
+    return os.path.join(out, "eval.json"), os.path.join(out, "eval.png")
 
 # -----------------------------------------------------------------------------
 # 1. the environment
@@ -177,8 +183,8 @@ stage("bench", ["bench.py", "--ckpt", "", "--preset", args.preset, "--device", d
 summary["bench"] = load_json(os.path.join(work, "bench", "bench.json"))
 tdir = os.path.join(work, "teacher")
 shutil.rmtree(tdir, ignore_errors=True)
-teacher = ["teacher.py", "--preset", args.preset, "--out", tdir, "--minutes", args.teacher_minutes, "--eval_every", 0,
-           "--eval_steps", 10, "--save_every", 10 ** 6, "--device", dev]
+teacher = ["teacher.py", "--preset", args.preset, "--out", tdir, "--minutes", args.teacher_minutes,   # evaluated
+           "--eval_every", 10 ** 6, "--eval_steps", 10, "--save_every", 10 ** 6, "--device", dev]     # at the end only
 rec = stage("teacher", teacher, 60 * args.teacher_minutes + 150)
 if rec["status"] == "failed" and args.device.startswith("cuda"):           # e.g. no compiler for torch.compile
     shutil.rmtree(tdir, ignore_errors=True)
@@ -191,13 +197,13 @@ if os.path.isfile(tckpt):
                       "--dmd_steps", args.dmd_steps, "--critic_steps", 2, "--eval_every", 10 ** 6, "--save_every", 10 ** 6,
                       "--device", dev, *sizes], 150)
     stage("eval teacher", ["eval.py", "--ckpt", tckpt, "--steps", 10, "--stream", 0, "--out",
-                           os.path.join(work, "eval_teacher.json"), "--device", dev, *evals], 60)
+                           os.path.join(work, "eval_teacher"), "--device", dev, *evals], 60)
 summary["eval"] = {}
 if os.path.isfile(os.path.join(sdir, "ckpt.pt")):
     stage("eval student", ["eval.py", "--ckpt", os.path.join(sdir, "ckpt.pt"), "--steps", "1,4", "--stream", 0, "--out",
-                           os.path.join(work, "eval_student.json"), "--device", dev, *evals], 60)
+                           os.path.join(work, "eval_student"), "--device", dev, *evals], 60)
 for who in ("teacher", "student"):
-    js, png = eval_files(os.path.join(work, f"eval_{who}.json"))
+    js, png = eval_files(os.path.join(work, f"eval_{who}"))
     res = load_json(js)
     summary["eval"][who] = res and [dict(steps=r.get("steps"), **{k: v for k, v in r.items() if k in ("mean", "gain")})
                                     for r in res.get("runs", [])]
@@ -207,8 +213,8 @@ for who in ("teacher", "student"):
 
 copies = {"bench.json": os.path.join(work, "bench", "bench.json"), "teacher_sample.png": os.path.join(tdir, "sample.png"),
           "teacher_sample.mp4": os.path.join(tdir, "sample.mp4"),
-          "teacher_eval.png": eval_files(os.path.join(work, "eval_teacher.json"))[1],
-          "student_eval.png": eval_files(os.path.join(work, "eval_student.json"))[1]}
+          "teacher_eval.png": eval_files(os.path.join(work, "eval_teacher"))[1],
+          "student_eval.png": eval_files(os.path.join(work, "eval_student"))[1]}
 for name, src in copies.items():
     if os.path.isfile(src) and os.path.getsize(src) < 16 * 2 ** 20:
         shutil.copyfile(src, os.path.join(args.out, name))

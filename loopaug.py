@@ -12,12 +12,13 @@ the way out; these sequences are built so that the ground truth does exactly tha
   last frame equals the first, and frame i equals frame 2L-2-i.
 - Camera-cycle loops: the source camera stays; the target moves through k other cameras of the
   scene and back to the first one (c1, c2, ..., ck, c1), `hold` frames at each, at frozen time
-  (every source frame the same instant) or with time advancing `advance` frames a step.
+  (every source frame the same instant) or with time advancing `advance` frames a step up to
+  the middle of the route and running back, so that the last frame is the first one again.
 
 A loop sequence is a dict like a training clip: src, tgt (N, 3, H, W), rel (N, 4, 4),
-K_src, K_tgt (N, 4), plus `pairs`: (i, j) indices that show the same pose and instant.
+K_src, K_tgt (N, 4), key (N,) (equal keys: the same target camera and instant), plus `pairs`:
+the (i, j) indices that share a key, i.e. show the same pose and instant.
 """
-import argparse
 import json
 import os
 
@@ -26,43 +27,54 @@ import torch
 import data
 
 
+def select(seq, idx):
+    """Frames idx (a list) of a sequence; pairs recomputed: (i, j), i < j, whose frames share a
+    key, i.e. show the same target camera, pose and instant."""
+    out = {k: v[idx] for k, v in seq.items() if torch.is_tensor(v)}
+    key = out["key"].tolist()
+    out["pairs"] = [(i, j) for i in range(len(idx)) for j in range(i + 1, len(idx)) if key[i] == key[j]]
+    return out
+
+
 def palindrome(clip, laps=1):
     """Mirror a clip (dict of per-frame tensors) into an out-and-back loop, `laps` times."""
     L = clip["src"].shape[0]
     lap = list(range(L)) + list(range(L - 2, -1, -1))                 # 0..L-1, L-2..0
     idx = lap + [i for _ in range(laps - 1) for i in lap[1:]]
-    out = {k: v[idx] for k, v in clip.items() if torch.is_tensor(v)}
-    out["pairs"] = [(i, j) for i in range(len(idx)) for j in range(i + 1, len(idx)) if idx[i] == idx[j]]
-    return out
+    return select(dict(clip, key=torch.arange(L)), idx)
 
 
 def camera_cycle(scene, src_cam, cams, f0, hold=1, advance=0, laps=1):
     """Target visits cams[0], ..., cams[-1] and returns to cams[0]; the source camera src_cam
-    stays. scene: load_scene() dict. Frame time: f0 + advance * step (advance 0: frozen)."""
+    stays. scene: load_scene() dict. Frame time: frozen at f0 (advance 0), or advancing
+    `advance` frames a step up to the middle of the route and running back, so the last frame
+    shows cams[0] at the first frame's instant: the loop closes in pose and in time."""
     route = [c for _ in range(laps) for c in cams] + [cams[0]]
     tcam = torch.tensor([c for c in route for _ in range(hold)])
-    T = scene["frames"].shape[1]
-    f = (f0 + advance * torch.arange(len(tcam))).clamp(max=T - 1)
+    n, T = len(tcam), scene["frames"].shape[1]
+    s = torch.arange(n)
+    f = (f0 + advance * torch.minimum(s, n - 1 - s)).clamp(max=T - 1)   # time: up, then back
     c2w_s, c2w_t = scene["c2w"][src_cam, f], scene["c2w"][tcam, f]
-    out = dict(src=scene["frames"][src_cam, f], tgt=scene["frames"][tcam, f],
-               rel=data.relative_pose(c2w_s, c2w_t), K_src=scene["K"][src_cam].expand(len(f), 4),
-               K_tgt=scene["K"][tcam])
-    key = list(zip(tcam.tolist(), f.tolist()))
-    out["pairs"] = [(i, j) for i in range(len(key)) for j in range(i + 1, len(key)) if key[i] == key[j]]
-    return out
+    seq = dict(src=scene["frames"][src_cam, f], tgt=scene["frames"][tcam, f],
+               rel=data.relative_pose(c2w_s, c2w_t), K_src=scene["K"][src_cam].expand(n, 4),
+               K_tgt=scene["K"][tcam], key=tcam * T + f)                 # same key: same camera, same instant
+    return select(seq, list(range(n)))
 
 
 class LoopSampler:
-    """Draws loop sequences of exactly T pairs from a multi-view dataset (half palindromes, half
-    camera cycles), for distill.py --loopaug."""
+    """Draws loop sequences of exactly T >= 3 pairs from a multi-view dataset (half palindromes,
+    half camera cycles), for distill.py --loopaug. Every loop closes: its `pairs` (at least the
+    first and the last frame) show the same pose and the same instant."""
 
     def __init__(self, root, size, scenes=None):
         self.scenes = scenes if scenes is not None else data.MultiViewDataset(root, size).scenes
 
     def loop(self, g, T, kind=None):
+        assert T >= 3, "a loop needs at least 3 frames (out, somewhere else, back)"
         sc = self.scenes[int(torch.randint(len(self.scenes), (1,), generator=g))]
         C, N = sc["frames"].shape[:2]
-        kind = kind or ("palindrome" if torch.rand(1, generator=g) < 0.5 or C < 3 else "cycle")
+        kind = kind or ("palindrome" if torch.rand(1, generator=g) < 0.5 else "cycle")
+        kind = kind if C >= 3 else "palindrome"                            # a cycle needs 2 other cameras
         a = int(torch.randint(C, (1,), generator=g))
         if kind == "palindrome":
             L = min((T + 1) // 2, N)                                       # 2L - 1 frames: T or T - 1
@@ -74,19 +86,25 @@ class LoopSampler:
             seq = palindrome(clip)
         else:
             others = [c for c in torch.randperm(C, generator=g).tolist() if c != a]
-            k = min(len(others), max(2, T - 1))
+            k = min(len(others), T - 1)                                   # the route: k + 1 stops <= T
             hold = max(1, T // (k + 1))
             advance = int(torch.randint(0, 2, (1,), generator=g))              # frozen or advancing
-            f0 = int(torch.randint(0, N, (1,), generator=g))
+            peak = advance * ((k + 1) * hold - 1) // 2                         # frames time runs ahead
+            f0 = int(torch.randint(0, max(1, N - peak), (1,), generator=g))
             seq = camera_cycle(sc, a, others[:k], f0, hold=hold, advance=advance)
         n = seq["src"].shape[0]
-        idx = torch.arange(T).clamp(max=n - 1)                             # pad by holding the last frame
-        return {k: v[idx] for k, v in seq.items() if torch.is_tensor(v)}
+        return select(seq, [min(i, n - 1) for i in range(T)])             # pad by holding the last frame
 
     def batch(self, step, pairs, max_pairs, seed=0, rank=0):
         g = data.rng(seed, step, rank, 2)    # tag 2: loops
         T = int(torch.randint(3, max(3, max_pairs) + 1, (1,), generator=g))
         return data.collate([self.loop(g, T) for _ in range(max(1, pairs // T))])
+
+
+def repeat_laps(seq, laps):
+    """A closed loop (last frame = first frame) run `laps` times: N + (laps - 1)(N - 1) frames."""
+    n = seq["src"].shape[0]
+    return select(seq, list(range(n)) + [i for _ in range(laps - 1) for i in range(1, n)])
 
 
 def write_loop(dirpath, seq, fps=data.FPS):
@@ -117,39 +135,34 @@ def load_loop(dirpath, size=None):
 
 if __name__ == "__main__":
     from tqdm import tqdm
-    p = argparse.ArgumentParser(description="Write a LoopAug dataset from a multi-view dataset.")
-    p.add_argument("--data", type=str, default="data/synth", help="on-disk multi-view dataset (data.py format)")
-    p.add_argument("--out", type=str, default="data/loops", help="output folder")
-    p.add_argument("--loops", type=int, default=16, help="number of loops")
-    p.add_argument("--length", type=int, default=9, help="frames of a palindrome's outbound half")
+    p = data.ArgumentParser(description="Write a LoopAug dataset from a multi-view dataset.")
+    p.add_argument("--data", type=str, default="data/synth", help="on-disk multi-view dataset folder (data.py format)")
+    p.add_argument("--out", type=str, default="data/loops", help="output folder (created if missing)")
+    p.add_argument("--loops", type=int, default=16, help="number of loops (palindromes and camera cycles in turn)")
+    p.add_argument("--frames", type=int, default=17, help="frames of one lap, out and back (at least 3)")
     p.add_argument("--laps", type=int, default=1, help="laps of each loop")
-    p.add_argument("--size", type=int, default=32, help="frame size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=32, help="frame side in pixels (square, even: H.264)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the loops drawn")
     args = p.parse_args()
+    data.check_args(args, positive=("loops", "frames", "laps", "size"))
+    if args.frames < 3:
+        data.fail(f"--frames must be at least 3 (out, somewhere else, back), got {args.frames}")
+    if args.size % 2:
+        data.fail(f"--size must be even (H.264 frames have even sides), got {args.size}")
+    data.check_out_dir(args.out)
     try:
-        scenes = data.MultiViewDataset(args.data, args.size).scenes
+        sampler = LoopSampler(args.data, args.size)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        data.fail(e)
     g = torch.Generator().manual_seed(args.seed)
     preview = []
     for i in tqdm(range(args.loops), desc="loops"):
-        sc = scenes[i % len(scenes)]
-        C, N = sc["frames"].shape[:2]
-        if i % 2 == 0 or C < 3:
-            L = min(args.length, N)
-            f0 = int(torch.randint(0, N - L + 1, (1,), generator=g))
-            a, b = 0, int(torch.randint(1, C, (1,), generator=g)) if C > 1 else 0
-            sl = slice(f0, f0 + L)
-            clip = dict(src=sc["frames"][a, sl], tgt=sc["frames"][b, sl], rel=data.relative_pose(sc["c2w"][a, sl], sc["c2w"][b, sl]),
-                        K_src=sc["K"][a].expand(L, 4), K_tgt=sc["K"][b].expand(L, 4))
-            seq = palindrome(clip, args.laps)
-        else:
-            seq = camera_cycle(sc, 0, list(range(1, C)), int(torch.randint(0, N, (1,), generator=g)), hold=2, laps=args.laps)
+        seq = repeat_laps(sampler.loop(g, args.frames, "palindrome" if i % 2 == 0 else "cycle"), args.laps)
         write_loop(os.path.join(args.out, f"loop_{i:05d}"), seq)
         if len(preview) < 4:
             preview.append(data.side_by_side(seq["src"], seq["tgt"]))
     n = max(len(v) for v in preview)
     pad = lambda v: torch.cat([v, v[-1:].expand(n - len(v), -1, -1, -1)])
     data.write_video(os.path.join(args.out, "preview.mp4"), torch.cat([pad(v) for v in preview], -2), data.FPS, upscale=4)
-    print(f"wrote {args.loops} loops to {args.out} (preview: {os.path.join(args.out, 'preview.mp4')}; "
-          f"each: src.mp4 | tgt.mp4 | loop.json)")
+    print(f"wrote {args.loops} loops of {seq['src'].shape[0]} frames to {args.out} "
+          f"(preview: {os.path.join(args.out, 'preview.mp4')}; each: src.mp4 | tgt.mp4 | loop.json)")

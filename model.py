@@ -35,6 +35,8 @@ class Config:
     heads: int = 4
     mlp_ratio: float = 4.0
     cam_channels: int = 6       # Plucker rays concatenated to the RGB pixels
+    src_concat: bool = False    # a target frame's input also carries its pair's source pixels (zeros
+                                # for source frames), so the residual target - source is local
     residual: bool = True       # diffuse the target minus its source frame (anchors on the source)
     src_sees_tgt: bool = False  # may source tokens attend to target tokens?
     shift: float = 2.0          # timestep shift toward high noise, train and sample
@@ -565,7 +567,7 @@ class RealCamDiT(nn.Module):
         p, D = cfg.patch, cfg.dim
         assert cfg.size % p == 0 and cfg.dim % cfg.heads == 0
         self.grid = cfg.size // p
-        self.patch_embed = nn.Linear((3 + cfg.cam_channels) * p * p, D)      # RGB + Plucker rays
+        self.patch_embed = nn.Linear((3 + 3 * cfg.src_concat + cfg.cam_channels) * p * p, D)  # RGB (+ source) + rays
         self.role_embed = nn.Parameter(torch.zeros(2, D))                      # 0 source, 1 target
         self.t_embed = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
@@ -597,12 +599,12 @@ class RealCamDiT(nn.Module):
     def rope(self, time, cam):
         """RoPE (cos, sin) of every token: time = pair index; rows and columns on the patch grid
         (a table made once per layout), or where the token's rays land in the source image
-        (camera RoPE, per token and head)."""
+        (camera RoPE, per token and head, from the Plucker channels: the last 6)."""
         cfg, g, dev = self.cfg, self.grid, cam.device
         L, Dh = g * g, cfg.dim // cfg.heads
         tok_time = const(("tok_time", time, L, str(dev)), lambda: torch.tensor(time, device=dev).repeat_interleave(L))
         if cfg.cam_rope:
-            ang = rope_angles(tok_time, *plane_positions(cam, cfg), Dh)               # (B, H, N, Dh / 2)
+            ang = rope_angles(tok_time, *plane_positions(cam[:, :, -6:], cfg), Dh)    # (B, H, N, Dh / 2)
             return ang.cos(), ang.sin()
 
         def grid_rope():
@@ -630,9 +632,10 @@ class RealCamDiT(nn.Module):
 
     def forward_frames(self, x, cam, t, time, role, causal, cache=None, write=False):
         """Core forward over F frames with per-frame metadata.
-        x (B, F, 3, H, W) pixels or noisy x_t; cam (B, F, 6, H, W); t (B, F) noise levels;
-        time (F,) pair index (absolute), role (F,) 0 source / 1 target: Python ranges, lists or
-        tuples (a CUDA tensor costs a host sync).
+        x (B, F, 3, H, W) pixels or noisy x_t; cam (B, F, C, H, W): the frame's conditioning
+        channels (frame_cond: Plucker rays, after the pair's source pixels if cfg.src_concat);
+        t (B, F) noise levels; time (F,) pair index (absolute), role (F,) 0 source / 1 target:
+        Python ranges, lists or tuples (a CUDA tensor costs a host sync).
         With a cache (causal only), the frames (one chunk) attend to the cached tokens too;
         write=True makes them part of the cache.
         Returns the network's prediction (B, F, 3, H, W): v, or x0 (cfg.pred); to_x0 converts."""
@@ -653,12 +656,14 @@ class RealCamDiT(nn.Module):
     def forward(self, src, xt, cam_src, cam_tgt, t, causal=False, time0=0):
         """Full forward over T synchronized pairs, laid out sources first [s0 .. s_T-1, t0 .. t_T-1]
         (attention depends on positions and roles, not on the order of the sequence).
-        src, xt (B, T, 3, H, W): clean source, noisy target; cam_* (B, T, 6, H, W);
+        src, xt (B, T, 3, H, W): clean source, noisy target; cam_* (B, T, 6, H, W) Plucker rays
+        (frame_cond adds the source pixels to the targets' if cfg.src_concat);
         t (B, T) noise level of each target (sources are always clean, t = 0).
         Returns the prediction (v or x0, cfg.pred) for the targets (B, T, 3, H, W)."""
         B, T = src.shape[:2]
         assert not causal or time0 % self.cfg.chunk == 0, "a causal forward starts on a chunk boundary"
-        x, cam = torch.cat([src, xt], 1), torch.cat([cam_src, cam_tgt], 1)       # (B, 2T, C, H, W)
+        x = torch.cat([src, xt], 1)                                               # (B, 2T, 3, H, W)
+        cam = torch.cat([frame_cond(self.cfg, None, cam_src), frame_cond(self.cfg, src, cam_tgt)], 1)
         tt = torch.cat([torch.zeros_like(t), t], 1)                               # (B, 2T)
         time, role = tuple(range(time0, time0 + T)) * 2, (0,) * T + (1,) * T
         return self.forward_frames(x, cam, tt, time, role, causal)[:, T:]
@@ -681,10 +686,11 @@ def autocast_for(device, dtype=torch.bfloat16):
 
 
 def check_device(name):
-    """'cpu', 'cuda' or 'cuda:N' usable here -> name; else ValueError with one line saying why."""
+    """'cpu', 'cuda' or 'cuda:N' usable here -> name; else ValueError with one line saying why
+    (data.check_device: the same for a --device flag)."""
     m = re.fullmatch(r"cpu|cuda(?::(\d+))?", name)
     if not m:
-        raise ValueError(f"unknown device '{name}': use cpu, cuda or cuda:N")
+        raise ValueError(f"device {name}: use cpu, cuda or cuda:N")
     if name != "cpu" and not torch.cuda.is_available():
         raise ValueError(f"device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
     if m.group(1) and int(m.group(1)) >= torch.cuda.device_count():
@@ -707,6 +713,14 @@ def peak_flops(device_name):
     if "A100" in n:
         return 312e12
     return None
+
+def frame_cond(cfg, src, cam):
+    """A frame's conditioning channels: its Plucker rays cam (B, F, 6, H, W), and with
+    cfg.src_concat first the synchronized source pixels src (B, F, 3, H, W) for a target frame,
+    zeros (src None) for a source frame."""
+    if not cfg.src_concat:
+        return cam
+    return torch.cat([torch.zeros_like(cam[:, :, :3]) if src is None else src, cam], 2)
 
 # -----------------------------------------------------------------------------
 # samplers
@@ -731,26 +745,29 @@ def student_timesteps(steps, shift):
     return [shift_t(1 - j / steps, shift) for j in range(steps)]
 
 
-def chunk_pass(model, cache, src, x, cam_src, cam_tgt, t, time, write):
+def chunk_pass(model, cache, src, x, cam_src, cam_tgt, t, time, write, with_src=False):
     """One KV-cached pass of a chunk's targets x (B, n, 3, H, W) at noise level t (B, n), time
-    the chunk's pair indices (Python ints). If source tokens never see targets, the chunk's
-    source frames were written to the cache already (once, see student_chunk) and only the
-    targets run; otherwise sources and targets run together."""
-    n = x.shape[1]
-    if not model.cfg.src_sees_tgt:
-        return model.forward_frames(x, cam_tgt, t, time, (1,) * n, True, cache, write)
-    out = model.forward_frames(torch.cat([src, x], 1), torch.cat([cam_src, cam_tgt], 1),
+    the chunk's pair indices (a range or a list; a CUDA tensor costs one host sync). If source
+    tokens never see targets, the chunk's source frames were written to the cache already
+    (once, see student_chunk) and only the targets run; otherwise, or with_src, sources and
+    targets run together (the sources then encoded in this pass)."""
+    n, cfg, time = x.shape[1], model.cfg, ints(time)
+    if not cfg.src_sees_tgt and not with_src:
+        return model.forward_frames(x, frame_cond(cfg, src, cam_tgt), t, time, (1,) * n, True, cache, write)
+    out = model.forward_frames(torch.cat([src, x], 1), torch.cat([frame_cond(cfg, None, cam_src), frame_cond(cfg, src, cam_tgt)], 1),
                                torch.cat([torch.zeros_like(t), t], 1), time * 2, (0,) * n + (1,) * n, True, cache, write)
     return out[:, n:]
 
 
-def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_step=None):
+def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_step=None, src_grad=False):
     """Generate one chunk of n target frames with the student's KV cache, in diffusion space.
     src (B, n, 3, H, W), cam_* (B, n, 6, H, W), time (n,) absolute pair indices (a range or a
     list; a CUDA tensor costs one host sync), noise (steps, B, n, 3, H, W): the starting noise
     and the fresh noise of each re-noising.
     Runs steps 0..exit_step (default: all); only the last of them keeps gradients (when grad
-    is enabled), then a t = 0 pass without gradient writes the chunk's clean keys and values."""
+    is enabled), then a t = 0 pass without gradient writes the chunk's clean keys and values.
+    src_grad (training): the chunk's sources are not cached once but encoded inside every pass,
+    so the exit step's gradient also reaches the source path (the same outputs, more compute)."""
     B, n = src.shape[:2]
     time = ints(time)
     ts = student_timesteps(steps, model.cfg.shift)
@@ -758,17 +775,17 @@ def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_
     grad = torch.is_grad_enabled()
     zeros = torch.zeros(B, n, device=src.device)
     with torch.no_grad():
-        if not model.cfg.src_sees_tgt:                                       # encode the source once
-            model.forward_frames(src, cam_src, zeros, time, (0,) * n, True, cache, True)
+        if not model.cfg.src_sees_tgt and not src_grad:                      # encode the source once
+            model.forward_frames(src, frame_cond(model.cfg, None, cam_src), zeros, time, (0,) * n, True, cache, True)
     x = noise[0]
     for j in range(last + 1):
         with torch.set_grad_enabled(grad and j == last):
-            out = chunk_pass(model, cache, src, x, cam_src, cam_tgt, zeros + ts[j], time, False)
+            out = chunk_pass(model, cache, src, x, cam_src, cam_tgt, zeros + ts[j], time, False, src_grad)
             x0 = to_x0(out, x, zeros + ts[j], model.cfg)                      # x0 = x_t - t v (or predicted)
         if j < last:
             x = (1 - ts[j + 1]) * x0 + ts[j + 1] * noise[j + 1]             # re-noise to t_{j+1}
     with torch.no_grad():
-        chunk_pass(model, cache, src, x0.detach(), cam_src, cam_tgt, zeros, time, True)   # clean KV
+        chunk_pass(model, cache, src, x0.detach(), cam_src, cam_tgt, zeros, time, True, src_grad)   # clean KV
     return x0
 
 
@@ -804,7 +821,7 @@ def flops_per_forward(cfg, frames, ctx_frames=None, attn_pairs=None):
     N = frames * L
     pairs = attn_pairs if attn_pairs is not None else N * (frames if ctx_frames is None else ctx_frames) * L
     D, Hd = cfg.dim, int(cfg.dim * cfg.mlp_ratio)
-    per_token = cfg.depth * (4 * D * D + 2 * D * Hd) + D * (3 + cfg.cam_channels) * cfg.patch ** 2 + D * 3 * cfg.patch ** 2
+    per_token = cfg.depth * (4 * D * D + 2 * D * Hd) + D * (3 + 3 * cfg.src_concat + cfg.cam_channels) * cfg.patch ** 2 + D * 3 * cfg.patch ** 2
     per_frame = cfg.depth * 6 * D * D + 2 * D * D + 256 * D + D * D             # adaLN, t embedding
     return 2 * (N * per_token + frames * per_frame) + cfg.depth * 4 * pairs * D
 
@@ -840,15 +857,21 @@ class StopFlag:
 
 
 def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint dict (config, model, ...). Errors are one line naming the file: missing
+    (FileNotFoundError), not a file torch.load reads, or not a RealCam-min checkpoint (ValueError)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:   # torch's own message runs to 8 lines and suggests weights_only=False
+        raise ValueError(f"cannot load checkpoint {path}: not a file torch.load reads ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a RealCam-min checkpoint (no config/model)")
+    return ckpt
 
 
-SHIPPED_STUDENT = "checkpoints/student_small.pt"   # the reference student in the repository
+# the reference student in the repository, found from any working directory
+SHIPPED_STUDENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "student_small.pt")
 
 
 def load_model(path, device="cpu", weights="ema"):

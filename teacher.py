@@ -26,21 +26,27 @@ from tqdm import tqdm
 
 import data
 from eval import format_quick, quick_eval, save_sample_video, save_strip
-from model import (PRESETS, Config, RealCamDiT, StopFlag, add_noise, attention_pairs, autocast_for, check_device,
+from model import (PRESETS, Config, RealCamDiT, StopFlag, add_noise, attention_pairs, autocast_for,
                    compile_blocks, default_device, encode_target, flops_per_forward, flow_loss, load_checkpoint,
                    num_params, peak_flops, sample_t, save_checkpoint)
 
 DEFAULT_STEPS = {"tiny": 300, "small": 8000, "base": 100_000}
 
-p = argparse.ArgumentParser(description="Train the RealCam-min bidirectional teacher.")
+p = data.ArgumentParser(description="Train the RealCam-min bidirectional teacher.")
 # model and data
-p.add_argument("--preset", type=str, default=None, choices=list(PRESETS), help="model preset (default: small on CPU, base on CUDA)")
+p.add_argument("--preset", type=str, default=None,
+               help=f"model preset: {', '.join(PRESETS)} (default: small on CPU, base on CUDA)")
 p.add_argument("--data", type=str, default=None, help="on-disk multi-view dataset folder (default: the synthetic stream)")
 p.add_argument("--pairs", type=int, default=None, help="(source, target) pairs a batch per process (default: 16 CPU, 64 CUDA)")
-p.add_argument("--max_pairs", type=int, default=6, help="pairs a clip, drawn from 1..max_pairs each step")
+p.add_argument("--max_pairs", type=int, default=6, help="pairs a clip are drawn from 1..max_pairs")
+p.add_argument("--static_share", type=float, default=data.P_STATIC, help="share of synthetic training clips with the identity camera, 0..1")
 p.add_argument("--pred", type=str, default=None, choices=["v", "x"], help="network output: velocity or clean x0 (default: the preset's)")
 p.add_argument("--cam_rope", type=str, default=None,
                help="camera RoPE: comma-separated inverse depths of the planes (1/scene units), one a head ('' = grid RoPE; default: the preset's)")
+p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
+               help="diffuse target - source instead of the target (default: the preset's)")
+p.add_argument("--src_concat", action=argparse.BooleanOptionalAction, default=None,
+               help="give each target frame its source frame's pixels as input channels (default: the preset's)")
 # optimization
 p.add_argument("--max_steps", type=int, default=None,
                help="training steps (default: per preset; with --minutes: no limit but the time)")
@@ -56,7 +62,8 @@ p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weight
 # io and runtime
 p.add_argument("--out", type=str, default="runs/teacher", help="output folder (ckpt.pt, log.txt, evals.jsonl, samples, summary.json)")
 p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-p.add_argument("--eval_every", type=int, default=500, help="steps between held-out evaluations (0: only at the end)")
+p.add_argument("--eval_every", type=int, default=500,
+               help="steps between held-out evaluations, and one at the end (also when --minutes runs out; 0: none)")
 p.add_argument("--eval_steps", type=int, default=25, help="Euler steps of the periodic evaluation's sampler")
 p.add_argument("--save_every", type=int, default=250, help="steps between checkpoints")
 p.add_argument("--stop_at", type=int, default=None, help="save and stop after this many steps (continue with --resume)")
@@ -65,23 +72,22 @@ p.add_argument("--device", type=str, default=default_device(), help="cpu, cuda o
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                help="torch.compile the transformer blocks (default: on for CUDA)")
 args = p.parse_args()
-bad = [f"--{k} must be {what}" for k, ok, what in [
-    ("pairs", args.pairs is None or args.pairs >= 1, "at least 1"), ("max_pairs", args.max_pairs >= 1, "at least 1"),
-    ("max_steps", args.max_steps is None or args.max_steps >= 0, "0 or more"),
-    ("minutes", args.minutes is None or args.minutes > 0, "positive"), ("lr", args.lr > 0, "positive"),
-    ("warmup", args.warmup >= 0, "0 or more"), ("min_lr_frac", 0 <= args.min_lr_frac <= 1, "in [0, 1]"),
-    ("clip", args.clip > 0, "positive"), ("ema", 0 <= args.ema < 1, "in [0, 1)"),
-    ("eval_every", args.eval_every >= 0, "0 or more"), ("eval_steps", args.eval_steps >= 1, "at least 1"),
-    ("save_every", args.save_every >= 1, "at least 1"), ("stop_at", args.stop_at is None or args.stop_at >= 0, "0 or more")]
-       if not ok]
+data.check_args(args, positive=("pairs", "max_pairs", "max_steps", "eval_steps", "save_every"),
+                nonneg=("warmup", "eval_every", "stop_at"))
+if args.preset is not None and args.preset not in PRESETS:
+    data.fail(f"unknown --preset '{args.preset}': choose from {', '.join(PRESETS)}")
+if args.minutes is not None and not args.minutes > 0:
+    data.fail(f"--minutes must be positive, got {args.minutes}")
+if not (args.lr > 0 and args.clip > 0 and args.weight_decay >= 0 and 0 <= args.ema < 1 and 0 <= args.min_lr_frac <= 1):
+    data.fail("--lr and --clip must be positive, --weight_decay non-negative, --ema in [0, 1), --min_lr_frac in [0, 1]")
+if not 0 <= args.static_share <= 1:
+    data.fail(f"--static_share is a share of the clips, 0..1, got {args.static_share}")
 try:
-    if bad:
-        raise ValueError(bad[0])
-    check_device(args.device)
-    if args.cam_rope:
-        [float(r) for r in args.cam_rope.split(",") if r.strip()]
-except ValueError as e:
-    raise SystemExit(f"error: {e}")
+    cam_rope = None if args.cam_rope is None else tuple(float(r) for r in args.cam_rope.split(",") if r.strip())
+except ValueError:
+    data.fail(f"--cam_rope takes comma-separated numbers (inverse depths), got '{args.cam_rope}'")
+data.check_device(args.device)
+data.check_out_dir(args.out)
 
 # -----------------------------------------------------------------------------
 # setup: one code path for one process and for torchrun (DDP only when RANK is set)
@@ -108,12 +114,20 @@ autocast = autocast_for(args.device)
 ckpt_path = os.path.join(args.out, "ckpt.pt")
 
 # model, EMA, optimizer (restored on --resume)
-ckpt = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+try:
+    ckpt = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+except ValueError as e:
+    data.fail(e)
+if ckpt and "student" in ckpt:
+    data.fail(f"{ckpt_path} is a student checkpoint; --resume continues a teacher (give another --out)")
 cfg = Config(**ckpt["config"]) if ckpt else PRESETS[args.preset]
 if not ckpt and args.pred is not None:
     cfg = replace(cfg, pred=args.pred)
-if not ckpt and args.cam_rope is not None:
-    cfg = replace(cfg, cam_rope=tuple(float(r) for r in args.cam_rope.split(",") if r.strip()))
+if not ckpt and cam_rope is not None:
+    cfg = replace(cfg, cam_rope=cam_rope)
+for k in ("residual", "src_concat"):
+    if not ckpt and getattr(args, k) is not None:
+        cfg = replace(cfg, **{k: getattr(args, k)})
 model = RealCamDiT(cfg).to(args.device)
 ema = copy.deepcopy(model).requires_grad_(False).eval()
 optim = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
@@ -165,7 +179,8 @@ def get_batch(step):
         b = dataset.batch(step, args.pairs, args.max_pairs, args.seed, rank)
         b = {k: v.to(args.device) for k, v in b.items()}
     else:
-        b = data.synthetic_batch(step, args.pairs, args.max_pairs, cfg.size, cfg.size, args.seed, rank, args.device)
+        b = data.synthetic_batch(step, args.pairs, args.max_pairs, cfg.size, cfg.size, args.seed, rank, args.static_share,
+                                 args.device)
     cam_src, cam_tgt = data.pair_rays(b["rel"], b["K_src"], b["K_tgt"], cfg.size, cfg.size)
     return b["src"], b["tgt"], cam_src, cam_tgt
 
@@ -204,7 +219,7 @@ try:
             raise SystemExit(130)
         last = step == args.max_steps or time_up
         # held-out evaluation of the EMA weights (PSNR vs ground truth and copy-the-source)
-        if master and (args.eval_every and step % args.eval_every == 0 or last) and step > start:
+        if master and args.eval_every and (step % args.eval_every == 0 or last) and step > start:
             res, (s, x, y) = quick_eval(ema, args.eval_steps, device=args.device)
             mean, _ = quick_eval(ema, 1, device=args.device)      # one step from noise: the posterior mean
             best, last_eval = max(best, res["gain"]), res

@@ -38,7 +38,7 @@ def device(request):
     try:
         return check_device(request.config.getoption("--device"))
     except ValueError as e:
-        pytest.exit(f"error: {e}", returncode=4)
+        pytest.exit(f"error: --{e}", returncode=4)
 
 
 def run_script(*args, ok=True, timeout=300, stdin=None):

@@ -38,7 +38,8 @@ def reference_forward(m, src, xt, cs, ct, t, causal=False, time=None):
     RoPE times (time: the pair index of each pair, default 0..T-1)."""
     cfg, (B, T) = m.cfg, src.shape[:2]
     L, g, Dh, dev = m.grid ** 2, m.grid, cfg.dim // cfg.heads, src.device
-    x, cam = torch.stack([src, xt], 2).flatten(1, 2), torch.stack([cs, ct], 2).flatten(1, 2)
+    x = torch.stack([src, xt], 2).flatten(1, 2)
+    cam = torch.stack([model.frame_cond(cfg, None, cs), model.frame_cond(cfg, src, ct)], 2).flatten(1, 2)
     tt = torch.stack([torch.zeros_like(t), t], 2).flatten(1, 2)
     time = (torch.arange(T) if time is None else torch.tensor(time)).to(dev).repeat_interleave(2)
     role = torch.tensor([0, 1], device=dev).repeat(T)
@@ -46,7 +47,7 @@ def reference_forward(m, src, xt, cs, ct, t, causal=False, time=None):
     c = m.t_embed(model.timestep_embedding(tt, 256))
     tok_time, tok_role = time.repeat_interleave(L), role.repeat_interleave(L)
     if cfg.cam_rope:
-        rows, cols = model.plane_positions(cam, cfg)
+        rows, cols = model.plane_positions(cam[:, :, -6:], cfg)
     else:
         rows = torch.arange(g, device=dev).repeat_interleave(g).repeat(2 * T)
         cols = torch.arange(g, device=dev).repeat(g * 2 * T)
@@ -85,7 +86,8 @@ class SDPASpy:
 
 
 @pytest.mark.parametrize("cfg", [TINY, replace(TINY, src_sees_tgt=True), replace(TINY, cam_rope=(1.5, 0.5)),
-                                 replace(TINY, pred="x", depth=3)])
+                                 replace(TINY, pred="x", depth=3), replace(TINY, src_concat=True),
+                                 replace(TINY, src_concat=True, cam_rope=(1.0, 0.0), residual=False)])
 @pytest.mark.parametrize("T", [1, 4])
 def test_teacher_forward_equals_the_masked_reference(cfg, T, device, monkeypatch):
     """The teacher's forward (sources first, two unmasked attention calls) equals the old
@@ -102,11 +104,15 @@ def test_teacher_forward_equals_the_masked_reference(cfg, T, device, monkeypatch
     assert pairs == attention_pairs(cfg, T) == ((2 * T * L) ** 2 if cfg.src_sees_tgt else 3 * (T * L) ** 2)
 
 
+CAM_CAT = dict(cam_rope=(1.5, 0.5), src_concat=True)       # camera RoPE and the source pixels as input
+
+
 @pytest.mark.parametrize("chunk,window,sink", [(1, 0, 0), (2, 2, 0), (1, 3, 1), (1, 2, 2)])
-def test_causal_forward_equals_the_masked_reference(chunk, window, sink, device):
+@pytest.mark.parametrize("extra", [{}, CAM_CAT], ids=["grid", "cam_rope+src_concat"])
+def test_causal_forward_equals_the_masked_reference(chunk, window, sink, extra, device):
     """Block-causal full forward == the old masked one wherever the window has not left a sink
     behind (a gap: there the sink's RoPE time moves, see the sink tests below)."""
-    cfg = replace(TINY, chunk=chunk, window=window, sink=sink)
+    cfg = replace(TINY, chunk=chunk, window=window, sink=sink, **extra)
     m = random_model(cfg, device=device)
     T = (window + sink) * chunk if sink else 5                  # with a sink: no gap up to here
     src, xt, cs, ct, t = inputs(2, T, cfg, device=device)
@@ -135,6 +141,7 @@ def stream(m, cache, src, x0, xt, cs, ct, t, first=0, keep=None):
     written); returns the noisy targets' outputs of the chunks from pair `first` on (earlier
     chunks skip the noisy pass: it changes nothing in the cache)."""
     cfg, (B, T) = m.cfg, src.shape[:2]
+    cs, ct = model.frame_cond(cfg, None, cs), model.frame_cond(cfg, src, ct)   # + source pixels if src_concat
     outs = []
     with torch.no_grad():
         for c0 in range(0, T, cfg.chunk):
@@ -170,21 +177,27 @@ def test_cache_trims_exactly(chunk, window, sink):
     assert max(seen) == (window - 1 + sink if window else 9)
 
 
-def test_cached_pass_with_gradients_equals_the_inference_pass():
+@pytest.mark.parametrize("extra", [{}, CAM_CAT], ids=["grid", "cam_rope+src_concat"])
+@pytest.mark.parametrize("src_grad", [False, True])
+def test_cached_pass_with_gradients_equals_the_inference_pass(extra, src_grad):
     """The grad path (keys copied, the pass's own keys carrying gradients) computes what the
-    in-place inference path computes, and later writes do not break its backward."""
-    cfg = replace(TINY, window=2)
+    in-place inference path computes, and later writes do not break its backward. With
+    src_grad (the chunk's sources encoded in every pass, distill.py --src_grad) the outputs are
+    the same and the gradient reaches the source role's embedding."""
+    cfg = replace(TINY, window=2, **extra)
     m = random_model(cfg)
     src, xt, cs, ct, t = inputs(1, 4, cfg)
     outs = {}
     for grad in (False, True):
         cache, noise = KVCache(cfg), torch.randn(3, 1, 1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
         with torch.set_grad_enabled(grad):
-            outs[grad] = [student_chunk(m, cache, src[:, i:i + 1], cs[:, i:i + 1], ct[:, i:i + 1], range(i, i + 1), 3, noise, 2)
-                          for i in range(4)]
-    assert all(torch.equal(a, b.detach()) for a, b in zip(outs[False], outs[True]))
+            outs[grad] = [student_chunk(m, cache, src[:, i:i + 1], cs[:, i:i + 1], ct[:, i:i + 1], range(i, i + 1), 3, noise, 2,
+                                        src_grad=grad and src_grad) for i in range(4)]
+    assert all(rel_err(b.detach(), a) < 1e-5 if src_grad else torch.equal(a, b.detach())
+               for a, b in zip(outs[False], outs[True]))
     sum(o.square().sum() for o in outs[True]).backward()
     assert m.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert (m.role_embed.grad[0].abs().sum() > 0) == src_grad
 
 
 def test_long_stream_with_a_sink_matches_a_masked_forward_on_its_window():
@@ -263,7 +276,8 @@ class HostTensors(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("cfg", [replace(TINY, window=3, sink=1), replace(TINY, window=2, cam_rope=(1.0, 0.0))])
+@pytest.mark.parametrize("cfg", [replace(TINY, window=3, sink=1), replace(TINY, window=2, cam_rope=(1.0, 0.0)),
+                                 replace(TINY, window=2, sink=1, **CAM_CAT)])
 def test_no_host_syncs_in_the_hot_path(cfg):
     """A streamed chunk in the steady state and a teacher forward (after the first, which
     builds the tables) read nothing back from the device and build nothing on the host."""

@@ -96,6 +96,47 @@ def test_json_trajectory(tmp_path):
         data.trajectory("spin_around", 4)
 
 
+def _bad_trajectories():
+    """(name, JSON object, what the error must say) for trajectories that must be refused."""
+    rel = data.preset_path("orbit_left", 5)[0]
+    def edit(frame, fn):
+        P = rel.clone()
+        fn(P[frame])
+        return P.tolist()
+    nan = edit(3, lambda p: p.__setitem__((0, 3), float("nan")))
+    scaled = edit(2, lambda p: p[:3, :3].mul_(2))                               # scale 2: not a camera
+    sheared = edit(1, lambda p: p.__setitem__((0, 1), 0.3))
+    mirrored = edit(4, lambda p: p[:3, 0].neg_())                              # det -1
+    last_row = edit(2, lambda p: p.__setitem__((3, 0), 0.5))
+    return [("nan", nan, "frame 3 has a NaN or infinite entry"),
+            ("inf", edit(1, lambda p: p.__setitem__((2, 3), float("inf"))), "frame 1 has a NaN or infinite entry"),
+            ("scale", scaled, "frame 2 is not a rigid pose"), ("shear", sheared, "frame 1 is not a rigid pose"),
+            ("reflection", mirrored, "frame 4 is not a rigid pose"), ("last_row", last_row, "frame 2 is not a rigid pose"),
+            ("no_poses", {"pose": rel.tolist()}, 'needs a "poses" list'),
+            ("zoom_zero", {"poses": rel.tolist(), "zoom": [1, 1, 0, 1, 1]}, "frame 2 has zoom 0.0"),
+            ("zoom_negative", {"poses": rel.tolist(), "zoom": [1, -2, 1, 1, 1]}, "frame 1 has zoom -2.0"),
+            ("zoom_nan", {"poses": rel.tolist(), "zoom": [1, 1, 1, float("nan"), 1]}, "frame 3 has zoom nan"),
+            ("zoom_length", {"poses": rel.tolist(), "zoom": [1, 1]}, "one number a pose")]
+
+
+@pytest.mark.parametrize("name,obj,msg", _bad_trajectories(), ids=[c[0] for c in _bad_trajectories()])
+def test_bad_trajectory_is_one_error_naming_file_and_frame(tmp_path, name, obj, msg):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(obj))                                             # NaN/Infinity: Python's JSON
+    with pytest.raises(ValueError) as e:
+        data.load_trajectory(str(path), 8)
+    assert str(path) in str(e.value) and msg in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_rigid_trajectory_within_tolerance_loads(tmp_path):
+    """float32 round-off (poses written with 6 decimals) passes; zoom and padding as given."""
+    rel, _ = data.preset_path("orbit", 6)
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps({"poses": [[[round(v, 6) for v in row] for row in P] for P in rel.tolist()],
+                                "zoom": [1, 1.2, 1.5, 1.2, 1, 0.8]}))
+    P, zoom = data.load_trajectory(str(path), 8)
+    assert torch.allclose(P[:6], rel, atol=1e-6) and zoom.tolist()[-3:] == pytest.approx([0.8, 0.8, 0.8])
+
 # -----------------------------------------------------------------------------
 # co-visibility and the depth-warp oracle (eval.py's geometry metric)
 

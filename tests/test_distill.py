@@ -7,8 +7,10 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from distill import dmd_loss, dmd_timestep, rollout
-from model import KVCache, PRESETS, decode_target, save_checkpoint, student_chunk, student_sample, student_timesteps
+from conftest import ROOT
+from distill import critic_timesteps, dmd_loss, dmd_step, dmd_timestep, rollout
+from model import (KVCache, PRESETS, decode_target, sample_t, save_checkpoint, student_chunk, student_sample,
+                   student_timesteps)
 from test_model import inputs, random_model
 
 TINY = PRESETS["tiny"]
@@ -149,9 +151,107 @@ def test_distill_stages_end_to_end(script, tmp_path):
                "--critic_steps", 1, *common)
     log = open(os.path.join(out, "log.txt")).read()
     assert "causal 1/2" in log and "dmd 1/2" in log and "|g|" in log and "critic" in log
-    r = script("eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--clips", 1, "--frames", 3, "--families", "orbit,pan")
+    r = script("eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--clips", 1, "--frames", 3, "--families", "orbit,pan",
+               "--out", out)
     runs = json.load(open(os.path.join(out, "eval.json")))["runs"]
     assert [r["steps"] for r in runs] == [1, 2, 4] and all(r["sampler"] == "student" for r in runs)
     # the teacher flag refuses a student checkpoint
     r = script("distill.py", "--teacher", os.path.join(out, "ckpt.pt"), "--out", out, ok=False)
     assert r.returncode != 0 and "student checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+# -----------------------------------------------------------------------------
+# research switches of the DMD stage: --src_grad, --critic_t
+
+
+def test_src_grad_reaches_the_source_path_and_keeps_the_rollout():
+    """With src_grad the DMD loss's gradient reaches the source tokens (the input frames, the
+    source role embedding, more of the patch embedding); the rollout, its cache and the loss are
+    the same as without."""
+    cfg = replace(TINY, window=2)
+    student, teacher, critic = random_model(cfg, 0), random_model(TINY, 1), random_model(TINY, 2)
+    src, tgt, cs, ct, _ = inputs(2, 4)
+    x = {sg: rollout(student, src, cs, ct, 3, 1, torch.Generator().manual_seed(0), src_grad=sg).detach()
+         for sg in (False, True)}
+    assert (x[True] - x[False]).norm() / x[False].norm() < 1e-5              # chunks 2-4 read the cache
+    got = {}
+    for sg in (False, True):
+        s = src.clone().requires_grad_()
+        opt = torch.optim.SGD(student.parameters(), lr=0.0)
+        g, gs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+        loss, *_ = dmd_step(student, opt, teacher, critic, (s, tgt, cs, ct), 3, g, gs, clip=1e9, src_grad=sg)
+        got[sg] = (loss.item(), s.grad, student.role_embed.grad[0].clone(), student.patch_embed.weight.grad.clone())
+    assert abs(got[True][0] - got[False][0]) <= 1e-5 * abs(got[False][0])
+    assert got[False][1] is None and got[True][1].abs().sum() > 0           # d loss / d source frames
+    assert got[False][2].abs().sum() == 0 and got[True][2].abs().sum() > 0  # the source role embedding
+    assert not torch.allclose(got[True][3], got[False][3])
+
+
+def test_critic_timesteps_switch():
+    g = lambda: torch.Generator().manual_seed(5)
+    assert torch.equal(critic_timesteps("flow", 256, 2.0, g()), sample_t((256, 1), 2.0, g()))
+    t = critic_timesteps("dmd", 256, 2.0, g())
+    assert torch.equal(t, dmd_timestep(256, 2.0, g())[:, None]) and t.min() >= 0.02 and t.max() <= 0.98
+
+
+def test_research_switches_through_distill(script, tmp_path):
+    """One DMD step from the same start: without switches no gradient reaches the source role
+    embedding (Adam leaves it as it was); --src_grad changes it; --critic_t dmd trains the critic
+    at other timesteps (the critic's update comes before the generator's, from the same student)."""
+    teacher, init = random_model(TINY, 1), random_model(replace(TINY, window=2), 0)
+    tpath, spath = str(tmp_path / "teacher.pt"), str(tmp_path / "causal.pt")
+    save_checkpoint(tpath, model=teacher.state_dict(), ema=teacher.state_dict(), config=asdict(TINY), step=0)
+    save_checkpoint(spath, model=init.state_dict(), ema=init.state_dict(), config=asdict(replace(TINY, window=2)), step=1,
+                    student=dict(steps=4, stage="causal"))
+    common = ["--stage", "dmd", "--teacher", tpath, "--init", spath, "--dmd_steps", 1, "--critic_steps", 1, "--pairs", 2,
+              "--max_pairs", 2, "--eval_every", 0]
+    script("distill.py", *common, "--out", tmp_path / "a")
+    script("distill.py", *common, "--out", tmp_path / "b", "--src_grad", "--critic_t", "dmd")
+    a, b = (torch.load(str(tmp_path / r / "dmd.pt"), weights_only=True) for r in "ab")
+    assert b["args"]["src_grad"] and b["args"]["critic_t"] == "dmd" and not a["args"]["src_grad"]
+    role0 = init.role_embed[0].detach()
+    assert torch.equal(a["model"]["role_embed"][0], role0) and not torch.equal(b["model"]["role_embed"][0], role0)
+    assert not torch.equal(a["critic"]["out.weight"], b["critic"]["out.weight"])
+
+
+def test_distill_from_the_shipped_teacher(script, tmp_path):
+    """README: `distill.py --teacher checkpoints/teacher_small.pt` (a float16 release file) runs
+    both stages."""
+    out = tmp_path / "s"
+    script("distill.py", "--teacher", os.path.join(ROOT, "checkpoints", "teacher_small.pt"), "--out", out,
+           "--causal_steps", 1, "--dmd_steps", 1, "--critic_steps", 1, "--pairs", 2, "--max_pairs", 2, "--eval_every", 0)
+    ck = torch.load(str(out / "ckpt.pt"), weights_only=True)
+    assert ck["step"] == 1 and ck["student"]["stage"] == "dmd" and ck["config"]["size"] == 32
+    assert all(v.dtype == torch.float32 for v in ck["model"].values())
+
+
+def test_reconstruction_term_pulls_the_rollout_to_the_truth():
+    """With the critic equal to the teacher the DMD gradient is exactly zero (x0_fake = x0_real):
+    without --recon the student does not move; with it, the rollout's error against the true
+    target falls step after step."""
+    import data
+    cfg = replace(TINY, window=2, pred="x")
+    S = cfg.size
+    b = data.synthetic_batch(0, 4, 2, S, S)
+    cs, ct = data.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
+    batch = (b["src"], b["tgt"], cs, ct)
+    teacher = random_model(replace(TINY, pred="x"), 1).requires_grad_(False)
+
+    def run(recon, n):
+        student = random_model(cfg, 0)
+        student.load_state_dict({k: 0.5 * v for k, v in student.state_dict().items()})
+        opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        errs = []
+        for i in range(n):
+            g, gs = torch.Generator().manual_seed(i), torch.Generator().manual_seed(100 + i)
+            dmd_step(student, opt, teacher, teacher, batch, 2, g, gs, clip=10.0, recon=recon)
+            with torch.no_grad():
+                x = rollout(student, b["src"], cs, ct, 2, 1, torch.Generator().manual_seed(7))
+            errs.append((decode_target(x, b["src"], cfg) - b["tgt"]).square().mean().item())
+        moved = any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+        return errs, moved
+
+    _, moved = run(0.0, 2)
+    assert not moved
+    errs, moved = run(1.0, 15)
+    assert moved and errs[-1] < 0.7 * errs[0], errs

@@ -43,8 +43,10 @@ def test_camera_cycle_returns_to_the_first_camera(dataset):
     assert torch.equal(seq["tgt"][0], seq["tgt"][-1]) and torch.allclose(seq["rel"][0], seq["rel"][-1])
     assert torch.equal(seq["src"][0], seq["src"][5])                        # frozen time: one source instant
     assert not torch.allclose(seq["rel"][0], seq["rel"][2])                 # it does visit other cameras
-    adv = camera_cycle(scene, 0, [2, 1], f0=0, advance=1)
-    assert torch.equal(adv["src"][1], scene["frames"][0, 1]) and torch.equal(adv["tgt"][-1], scene["frames"][2, 2])
+    adv = camera_cycle(scene, 0, [2, 1], f0=0, advance=1, hold=2)           # cams 2 2 1 1 2 2, time 0 1 2 2 1 0
+    assert torch.equal(adv["src"][2], scene["frames"][0, 2]) and torch.equal(adv["tgt"][2], scene["frames"][1, 2])
+    assert torch.equal(adv["tgt"][-1], scene["frames"][2, 0])                # back in time too
+    assert adv["pairs"] == [(0, 5), (1, 4), (2, 3)]
 
 
 @pytest.mark.parametrize("kind", ["palindrome", "cycle"])
@@ -59,6 +61,23 @@ def test_sampler_loops_close(dataset, kind):
     assert b["src"].shape[1] >= 3 and b["rel"].shape[-2:] == (4, 4)
 
 
+def test_every_sampled_loop_closes_in_pose_and_time(dataset):
+    """200 loops of 3..8 frames, both kinds, time frozen or advancing: each reports pairs (the
+    first and the last frame at least), and every pair shows the same source frame, target frame,
+    pose and intrinsics."""
+    s, g = LoopSampler(dataset, 16), torch.Generator().manual_seed(0)
+    kinds = {"palindrome": 0, "cycle": 0}
+    for _ in range(200):
+        T = int(torch.randint(3, 9, (1,), generator=g))
+        seq = s.loop(g, T)
+        assert seq["src"].shape[0] == T and (0, T - 1) in seq["pairs"]
+        for i, j in seq["pairs"]:
+            for k in ("src", "tgt", "rel", "K_src", "K_tgt"):
+                assert torch.equal(seq[k][i], seq[k][j]), (k, i, j)
+        kinds["palindrome" if torch.equal(seq["rel"], seq["rel"].flip(0)) else "cycle"] += 1
+    assert min(kinds.values()) > 50, kinds                                     # both kinds were drawn
+
+
 def test_loop_dataset_round_trip_and_cli(script, dataset, tmp_path):
     clip = data.render_clip(3, 4, 16, 16, *data.preset_path("pan_left", 4))
     seq = palindrome(clip)
@@ -67,7 +86,7 @@ def test_loop_dataset_round_trip_and_cli(script, dataset, tmp_path):
     assert torch.allclose(back["rel"], seq["rel"]) and back["pairs"] == seq["pairs"]
     assert (back["tgt"] - seq["tgt"]).abs().mean() < 0.06
     out = str(tmp_path / "loops")
-    r = script("loopaug.py", "--data", dataset, "--out", out, "--loops", 3, "--length", 4, "--size", 16)
+    r = script("loopaug.py", "--data", dataset, "--out", out, "--loops", 3, "--frames", 7, "--size", 16)
     assert "wrote 3 loops" in r.stdout and os.path.isfile(os.path.join(out, "preview.mp4"))
     for i in range(3):
         lp = load_loop(os.path.join(out, f"loop_{i:05d}"))
@@ -91,7 +110,7 @@ def test_loops_through_the_student_and_distill(script, dataset, tmp_path):
     assert "--loopaug builds loops from a multi-view dataset" in r.stderr
     # the loop benchmark on the student
     r = script("eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--clips", 1, "--frames", 2, "--families", "pan",
-               "--steps", 1, "--loops", 1, "--loop_length", 4)
+               "--steps", 1, "--loops", 1, "--loop_length", 4, "--out", out)
     loops = json.load(open(os.path.join(out, "eval.json")))["loops"]
     assert set(loops) == {"orbit", "pan", "dolly"} and loops["orbit"]["frames"] == 13
 

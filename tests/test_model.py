@@ -112,6 +112,7 @@ def stream(m, src, x0, xt, cs, ct, t, source_once):
     (clean earlier chunks), then a pass with the clean targets at t = 0 writes the chunk."""
     cfg, (B, T) = m.cfg, src.shape[:2]
     cache, outs = KVCache(cfg), []
+    cs, ct = model.frame_cond(cfg, None, cs), model.frame_cond(cfg, src, ct)   # + source pixels if src_concat
     for c0 in range(0, T, cfg.chunk):
         sl = slice(c0, min(T, c0 + cfg.chunk))
         n = sl.stop - sl.start
@@ -132,10 +133,12 @@ def stream(m, src, x0, xt, cs, ct, t, source_once):
 @pytest.mark.parametrize("chunk,window,sink,src_sees_tgt,cam_rope", [
     (1, 0, 0, False, ()), (1, 2, 0, False, ()), (1, 3, 1, False, ()), (2, 2, 0, False, ()), (1, 2, 0, True, ()),
     (2, 0, 0, True, ()), (1, 2, 0, False, (1.0, 0.0)), (3, 2, 1, False, (1.5, 0.5))])
-def test_kv_cache_equals_full_causal_forward(chunk, window, sink, src_sees_tgt, cam_rope):
+@pytest.mark.parametrize("src_concat", [False, True])
+def test_kv_cache_equals_full_causal_forward(chunk, window, sink, src_sees_tgt, cam_rope, src_concat):
     """KV-cached chunk-by-chunk inference equals the full block-causal forward (same rolling
-    window as a mask) to 1e-5 relative error in float32, camera RoPE included."""
-    cfg = replace(TINY, chunk=chunk, window=window, sink=sink, src_sees_tgt=src_sees_tgt, cam_rope=cam_rope)
+    window as a mask) to 1e-5 relative error in float32, camera RoPE and source concat included."""
+    cfg = replace(TINY, chunk=chunk, window=window, sink=sink, src_sees_tgt=src_sees_tgt, cam_rope=cam_rope,
+                  src_concat=src_concat)
     m = random_model(cfg)
     B, T = 2, 7
     src, xt, cs, ct, t = inputs(B, T, cfg)

@@ -1,7 +1,13 @@
-"""stream.py: end to end on a generated video, presets, interactive commands, bad input, and
-equality with the student's offline generation."""
+"""stream.py: end to end on a generated video, from another directory, presets, command scripts,
+live pacing, the field of view, every bad input through the real CLI, Ctrl-C, and equality with
+the student's offline generation."""
 import json
+import math
 import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import asdict, replace
 
 import pytest
@@ -9,10 +15,22 @@ import torch
 
 import data
 import stream
+from conftest import ROOT
 from model import PRESETS, load_model, save_checkpoint, student_sample
 from test_model import random_model
 
 TINY = replace(PRESETS["tiny"], window=3)
+DEG = math.pi / 180
+
+
+@pytest.fixture(scope="module", autouse=True)
+def threads():
+    """Honour OMP_NUM_THREADS in this process (conftest asks for 2 threads): on a CPU shared with other
+    jobs, two spinning threads made the tiny model's streams here 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", n)))
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +47,39 @@ def student(tmp_path_factory):
     return dict(ckpt=path, teacher=teacher, video=video, dir=d)
 
 
+def read_log(out):
+    return json.load(open(os.path.join(out, "stream_latency.json")))
+
+
 def test_stream_end_to_end(script, student, tmp_path):
-    out = str(tmp_path / "o.mp4")
+    out = str(tmp_path / "o")
     r = script("stream.py", "--ckpt", student["ckpt"], "--video", student["video"], "--traj", "pan_left", "--out", out)
     assert "7 frames" in r.stdout and "real-time factor" in r.stdout
-    assert abs(data.video_fps(out) - 12) < 1e-6
-    frames = list(data.read_video(out))
+    assert "read 7 frames" in r.stdout and "the end of the video" in r.stdout
+    mp4 = os.path.join(out, "stream.mp4")
+    assert abs(data.video_fps(mp4) - 12) < 1e-6
+    frames = list(data.read_video(mp4))
     assert len(frames) == 7
     H, W = frames[0].shape[1:]
     assert W > 2 * H - 16 and W < 2 * H + 16                      # source | generated, side by side
-    log = json.load(open(str(tmp_path / "o_latency.json")))
-    assert len(log["latency_ms"]) == 7 and log["steps"] == 4
+    log = read_log(out)
+    assert len(log["latency_ms"]) == 7 and log["steps"] == 4 and log["frames_read"] == 7
     # without --video: the built-in synthetic scene
-    r = script("stream.py", "--ckpt", student["ckpt"], "--max_frames", 3, "--steps", 1, "--out", str(tmp_path / "s.mp4"))
-    assert "3 frames" in r.stdout
+    r = script("stream.py", "--ckpt", student["ckpt"], "--frames", 3, "--steps", 1, "--out", str(tmp_path / "s"))
+    assert "3 frames" in r.stdout and "--frames 3 reached" in r.stdout
+    # a video shorter than --frames: said so, exit 0 (the file is whole)
+    r = script("stream.py", "--ckpt", student["ckpt"], "--video", student["video"], "--frames", 50, "--steps", 1,
+               "--out", out)
+    assert "read 7 frames" in r.stdout and "the end of the video" in r.stdout and "7 frames |" in r.stdout
+
+
+def test_runs_from_another_directory(tmp_path):
+    """The default (shipped) checkpoint is found from anywhere; outputs go to --out under the working directory."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "stream.py"), "--frames", "2", "--steps", "1"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(list(data.read_video(str(tmp_path / "runs" / "stream" / "stream.mp4")))) == 2
+    assert read_log(str(tmp_path / "runs" / "stream"))["frames"] == 2
 
 
 def run_inprocess(monkeypatch, *argv):
@@ -52,78 +89,218 @@ def run_inprocess(monkeypatch, *argv):
 
 @pytest.mark.parametrize("traj", data.PRESETS)
 def test_every_preset(monkeypatch, student, tmp_path, traj):
-    out = str(tmp_path / "p.mp4")
-    run_inprocess(monkeypatch, "--ckpt", student["ckpt"], "--traj", traj, "--max_frames", 3, "--steps", 1,
+    out = str(tmp_path / "p")
+    run_inprocess(monkeypatch, "--ckpt", student["ckpt"], "--traj", traj, "--frames", 3, "--steps", 1,
                   "--traj_frames", 3, "--out", out)
-    poses = torch.tensor(json.load(open(str(tmp_path / "p_latency.json")))["poses"])
-    want, _ = data.preset_path(traj, 3)
-    assert torch.allclose(poses, want, atol=1e-5)
+    log = read_log(out)
+    want, zoom = data.preset_path(traj, 3)
+    assert torch.allclose(torch.tensor(log["poses"]), want, atol=1e-5)
+    assert torch.allclose(torch.tensor(log["zoom"]), zoom, atol=1e-6)
 
 
-def test_piped_commands_change_the_pose_from_the_next_chunk(script, student, tmp_path):
-    out = str(tmp_path / "i.mp4")
-    script("stream.py", "--ckpt", student["ckpt"], "--traj", "static", "--max_frames", 6, "--steps", 1,
-           "--interactive", "--out", out, stdin="a\na\nw\n")
-    log = json.load(open(str(tmp_path / "i_latency.json")))
-    assert [k for _, k in log["commands"]] == ["a", "a", "w"]
-    start = log["commands"][-1][0]                                 # the chunk where they took effect
-    poses = torch.tensor(log["poses"])
-    want, _ = data.camera_path(orbit=10 * torch.pi / 180, move=(0.0, 0.0, 0.1), n=1)
-    assert torch.allclose(poses[:start], torch.eye(4).expand(start, 4, 4), atol=1e-6)
-    assert torch.allclose(poses[start:], want.expand(6 - start, 4, 4), atol=1e-5)
-    # q stops the stream; the video of the frames so far is kept
-    r = script("stream.py", "--ckpt", student["ckpt"], "--max_frames", 6, "--interactive", "--out", out, stdin="q\n")
-    assert os.path.isfile(out)
+def test_script_commands_apply_in_order_at_chunk_boundaries(script, student, tmp_path):
+    """A piped script: a key a chunk boundary (chunk = 1 frame here), or at the frame a line names."""
+    out = str(tmp_path / "i")
+    script("stream.py", "--ckpt", student["ckpt"], "--traj", "static", "--frames", 6, "--steps", 1,
+           "--interactive", "--out", out, stdin="a\na\nd\nq\n")
+    log = read_log(out)
+    assert log["commands"] == [[0, "a"], [1, "a"], [2, "d"], [3, "q"]] and log["frames"] == 3
+    orbit = lambda deg: data.camera_path(orbit=deg * DEG, n=1)[0][0]
+    want = torch.stack([orbit(5), orbit(10), orbit(5)])
+    assert torch.allclose(torch.tensor(log["poses"]), want, atol=1e-5)
+    assert "the command q at frame 3" in log["stop"]
+    # numbered lines: at the frame named (all keys of the line), unnumbered ones follow one a frame
+    script("stream.py", "--ckpt", student["ckpt"], "--traj", "static", "--frames", 8, "--steps", 1,
+           "--interactive", "--out", out, stdin="# a script\n2 a\n5 w z\nd\n")
+    log = read_log(out)
+    assert log["commands"] == [[2, "a"], [5, "w"], [5, "z"], [6, "d"]] and log["frames"] == 8
+    poses, zoom = torch.tensor(log["poses"]), torch.tensor(log["zoom"])
+    move = lambda deg, dz: data.camera_path(orbit=deg * DEG, move=(0.0, 0.0, dz), n=1)[0][0]
+    want = [torch.eye(4)] * 2 + [move(5, 0)] * 3 + [move(5, 0.1), move(0, 0.1), move(0, 0.1)]
+    assert torch.allclose(poses, torch.stack(want), atol=1e-5)
+    assert torch.allclose(zoom, torch.tensor([1.0] * 5 + [1.1] * 3))
+
+
+def test_controls_commands_from_the_page():
+    """The page's commands (JSON): a preset plays from the frame it is chosen, moves add up, reset."""
+    rel, zoom = data.preset_path("static", 4)
+    c = stream.Controls(rel, zoom, "static", traj_frames=4)
+    assert c.push_json({"move": {"orbit": 2.5, "pitch": -1}}) == 1
+    c.push_json({"preset": "pan_left"})
+    c.apply(5)
+    assert c.offset["orbit"] == 2.5 and c.offset["pitch"] == -1 and c.applied == 2
+    got, _ = c.camera(5, 6)
+    off = data.camera_path(orbit=2.5 * DEG, pitch=-DEG, n=1)[0][0]
+    want = data.preset_path("pan_left", 4)[0][torch.tensor([0, 1, 2, 3, 3, 3])] @ off
+    assert torch.allclose(got, want, atol=1e-6)
+    c.push_json({"key": "r"})
+    c.apply(6)
+    assert all(v == 0 for v in c.offset.values()) and c.log[-1] == (6, "r")
+    for bad in [[], {"key": "p"}, {"key": "a", "preset": "orbit"}, {"move": {"orbit": float("nan")}},
+                {"move": {"orbit": 90}}, {"move": {"roll": 1}}, {"move": {"dz": True}}, {"move": {}},
+                {"preset": "../etc/passwd"}, {"jump": 1}]:
+        with pytest.raises(ValueError):
+            c.push_json(bad)
+    assert c.live.empty()
+
+
+def test_fov_sets_the_rays(student):
+    """--fov: fx = 0.5 / tan(fov / 2) for the source and target rays, as in the offline sampler."""
+    model, _ = load_model(student["ckpt"])
+    clip = data.render_clip(4, 5, 16, 16, *data.preset_path("orbit_left", 5))
+    fx = 0.5 / math.tan(70 * DEG / 2)
+    controls = stream.Controls(clip["rel"], torch.ones(5))
+    got = torch.stack([o for _, o, _, _, _ in stream.stream_frames(model, list(clip["src"]), controls, 2, 3, fx=fx)])
+    K = torch.tensor([fx, fx, 0.5, 0.5]).expand(1, 5, 4)
+    cs, ct = data.pair_rays(clip["rel"][None], K, K, 16, 16)
+    ref = student_sample(model, clip["src"][None], cs, ct, 2, generator=torch.Generator().manual_seed(3))[0]
+    assert (got - ref).abs().max() < 1e-5
+    controls = stream.Controls(clip["rel"], torch.ones(5))
+    default = torch.stack([o for _, o, _, _, _ in stream.stream_frames(model, list(clip["src"]), controls, 2, 3)])
+    assert (got - default).abs().max() > 1e-3                     # the field of view matters
+
+
+def test_paced_input_drops_frames_of_a_busy_consumer():
+    info = dict(dropped=0, arrivals=[])
+    t0 = time.perf_counter()
+    got = list(stream.paced(range(1, 11), 20.0, info))          # a fast consumer: nothing dropped, at 20 fps
+    assert time.perf_counter() - t0 >= 9 / 20 and got == list(range(1, 11)) and info["dropped"] == 0
+    info = dict(dropped=0, arrivals=[])
+    got = []
+    for f in stream.paced(range(1, 21), 100.0, info):           # busy 30 ms a frame at 100 fps
+        got.append(f)
+        time.sleep(0.03)
+    assert len(got) + info["dropped"] == 20 and info["dropped"] >= 10
+    assert got == sorted(got) and got[0] == 1 and len(info["arrivals"]) == len(got)
+
+
+def test_realtime_reports_dropped_frames(script, student, tmp_path):
+    video = str(tmp_path / "fast.mp4")
+    data.write_video(video, data.render_clip(3, 24, 16, 16)["src"], fps=200)
+    out = str(tmp_path / "rt")
+    r = script("stream.py", "--ckpt", student["ckpt"], "--video", video, "--realtime", "--steps", 4, "--out", out)
+    log = read_log(out)
+    assert log["frames"] + log["dropped"] == 24 and log["dropped"] > 0 and len(log["delay_ms"]) == log["frames"]
+    assert f"{log['dropped']} dropped" in r.stdout and "late" in r.stdout
 
 
 def test_streaming_equals_offline_generation(student):
     model, _ = load_model(student["ckpt"])
     clip = data.render_clip(4, 5, 16, 16, *data.preset_path("orbit_left", 5))
-    controls = stream.Controls(False)
-    got = torch.stack([o for _, o, _, _ in stream.stream_frames(model, list(clip["src"]), clip["rel"],
-                                                                torch.ones(5), 3, controls, seed=7)])
+    controls = stream.Controls(clip["rel"], torch.ones(5))
+    got = torch.stack([o for _, o, _, _, _ in stream.stream_frames(model, list(clip["src"]), controls, 3, seed=7)])
     K = torch.tensor([1.0, 1.0, 0.5, 0.5]).expand(1, 5, 4)
     cs, ct = data.pair_rays(clip["rel"][None], K, K, 16, 16)
     ref = student_sample(model, clip["src"][None], cs, ct, 3, generator=torch.Generator().manual_seed(7))[0]
     assert (got - ref).abs().max() < 1e-5
 
 
-def test_bad_input(script, student, tmp_path):
-    def err(*args):
-        r = script("stream.py", "--ckpt", student["ckpt"], "--out", str(tmp_path / "e.mp4"), *args, ok=False)
-        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-        return r.stderr.strip().splitlines()[-1]
-    assert "video not found" in err("--video", str(tmp_path / "missing.mp4"))
-    (tmp_path / "junk.mp4").write_bytes(os.urandom(3000))
-    assert "cannot read video" in err("--video", str(tmp_path / "junk.mp4"))
-    (tmp_path / "empty.mp4").write_bytes(b"")
-    assert "empty.mp4" in err("--video", str(tmp_path / "empty.mp4"))
-    assert "unknown trajectory 'spin'" in err("--traj", "spin")
-    (tmp_path / "bad.json").write_text("[[1, 2]")
-    assert "bad.json" in err("--traj", str(tmp_path / "bad.json"))
-    assert "--steps must be between 1 and 4" in err("--steps", "9")
-    r = script("stream.py", "--ckpt", student["teacher"], ok=False)
-    assert "not a student checkpoint" in r.stderr and "Traceback" not in r.stderr
+def bad_files(d, student):
+    """Damaged inputs for the bad-input table."""
+    import av
+    import imageio.v3 as iio
+    clip = data.render_clip(9, 20, 40, 40)["src"]
+    (d / "junk.mp4").write_bytes(os.urandom(3000))
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "bad.json").write_text("[[1, 2]")
+    (d / "random.pt").write_bytes(os.urandom(5000))
+    (d / "afile").write_text("not a folder")
+    iio.imwrite(str(d / "still.png"), data.to_uint8(clip[0]))
+    with av.open(str(d / "whole.avi"), "w") as c:                # an AVI cut in half: its header says 20 frames
+        s = c.add_stream("mjpeg", rate=12)
+        s.width, s.height, s.pix_fmt = 40, 40, "yuvj420p"
+        for f in clip:
+            for p in s.encode(av.VideoFrame.from_ndarray(data.to_uint8(f), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    b = (d / "whole.avi").read_bytes()
+    (d / "cut.avi").write_bytes(b[:len(b) // 2])
+
+
+BAD = [  # (arguments, stdin, what the one error line says); {d}: a folder of damaged files, {ckpt}: a tiny student
+    (["--steps", "0"], None, "--steps must be at least 1, not 0"),
+    (["--steps", "9"], None, "--steps must be between 1 and 4"),
+    (["--window", "-1"], None, "--window must be at least 0"),
+    (["--frames", "0"], None, "--frames must be at least 1"),
+    (["--traj_frames", "0"], None, "--traj_frames must be at least 1"),
+    (["--fov", "180"], None, "--fov is the horizontal field of view"),
+    (["--device", "gpu0"], None, "--device must be cpu, cuda or cuda:N, not 'gpu0'"),
+    (["--device", "cuda:99"], None, "--device cuda:99"),
+    (["--out", "{d}/afile"], None, "--out is an output folder, but"),
+    (["--ckpt", "{d}/random.pt"], None, "cannot load checkpoint"),
+    (["--ckpt", "{d}/missing.pt"], None, "checkpoint not found"),
+    (["--ckpt", "{teacher}"], None, "not a student checkpoint"),
+    (["--video", "{d}/missing.mp4"], None, "video not found"),
+    (["--video", "{d}/junk.mp4"], None, "cannot read video"),
+    (["--video", "{d}/empty.mp4"], None, "empty.mp4"),
+    (["--video", "{d}/still.png"], None, "is an image (png), not a video"),
+    (["--video", "{d}/cut.avi"], None, "ended after 5 of the 20 frames its header declares"),
+    (["--traj", "spin"], None, "unknown trajectory 'spin'"),
+    (["--traj", "{d}/bad.json"], None, "bad.json"),
+    (["--port", "70000", "--serve"], None, "--port must be between 0 and 65535"),
+    (["--serve", "--window", "0"], None, "memory would grow without bound"),
+    (["--interactive"], "a\np\n", "line 2: unknown key 'p'"),
+    (["--interactive"], "5 a\n2 d\n", "line 2: frame 2 comes before frame 5"),
+]
+
+
+@pytest.mark.parametrize("args,stdin,message", BAD, ids=[" ".join(a) for a, _, _ in BAD])
+def test_bad_input(student, tmp_path_factory, args, stdin, message):
+    """Through the real entry point: exit code 1, one 'error:' line on stderr, no traceback."""
+    d = student["dir"] / "bad"
+    if not d.exists():
+        d.mkdir()
+        bad_files(d, student)
+    if "cuda" in args[-1] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args = [a.format(d=d, teacher=student["teacher"]) for a in args]
+    out = str(tmp_path_factory.mktemp("bad") / "o")
+    argv = ["--ckpt", student["ckpt"], "--out", out, *args]
+    r = subprocess.run([sys.executable, "stream.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                       input=stdin or "", timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    if "cut.avi" in args[-1]:                      # damaged mid-stream: the frames before it are kept and said
+        assert "read 5 frames" in r.stdout and "kept in" in lines[0]
+        assert len(list(data.read_video(os.path.join(out, "stream.mp4")))) == 5
+
+
+def test_port_in_use(student, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = subprocess.run([sys.executable, "stream.py", "--ckpt", student["ckpt"], "--serve", "--port",
+                            str(s.getsockname()[1]), "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.startswith("error: cannot listen on 127.0.0.1:") and "Traceback" not in r.stderr
 
 
 def test_ctrl_c_keeps_a_playable_video(student, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-    from conftest import ROOT
-    out = str(tmp_path / "c.mp4")
-    proc = subprocess.Popen([sys.executable, "stream.py", "--ckpt", student["ckpt"], "--max_frames", "100000",
+    out = str(tmp_path / "c")
+    proc = subprocess.Popen([sys.executable, "stream.py", "--ckpt", student["ckpt"], "--frames", "100000",
                              "--out", out], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = str(tmp_path / "c_latency.json")
+    mp4 = os.path.join(out, "stream.mp4")
     deadline = time.time() + 120
     while time.time() < deadline:                       # wait until frames are being written
         time.sleep(1)
-        if os.path.exists(out) and os.path.getsize(out) > 0:
+        if os.path.exists(mp4) and os.path.getsize(mp4) > 0:
             time.sleep(2)
             break
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "interrupted" in stdout, stderr
-    n = json.load(open(log))["frames"]
-    assert n > 0 and len(list(data.read_video(out))) == n
+    n = read_log(out)["frames"]
+    assert n > 0 and len(list(data.read_video(mp4))) == n
+
+
+def test_every_flag_has_help_and_a_readme_row():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    table = readme.split("### stream.py", 1)[1].split("\n#", 1)[0]
+    for action in stream.parser()._actions:
+        assert action.help, action.option_strings
+        if action.dest != "help":
+            assert f"`{action.option_strings[0]}" in table, f"{action.option_strings[0]} has no row in the README"
+

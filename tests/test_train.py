@@ -94,7 +94,7 @@ def test_teacher_eval_data_end_to_end(script, tmp_path, device):
     for f in ("ckpt.pt", "sample.mp4", "sample.png"):
         assert os.path.isfile(os.path.join(run, f)), f
     # eval.py on the result: a table and a JSON with every family
-    r = script("eval.py", "--ckpt", os.path.join(run, "ckpt.pt"), "--clips", 2, "--frames", 3, "--steps", 2)
+    r = script("eval.py", "--ckpt", os.path.join(run, "ckpt.pt"), "--clips", 2, "--frames", 3, "--steps", 2, "--out", run)
     assert "mean" in r.stdout
     res = json.load(open(os.path.join(run, "eval.json")))["runs"][0]
     assert res["steps"] == 2 and set(res["families"]) == {"static", "orbit", "pan", "tilt", "dolly", "zoom", "truck", "pedestal"}
