@@ -25,6 +25,7 @@ from dataclasses import asdict, replace
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from tqdm import tqdm
 
 import data
@@ -48,9 +49,8 @@ def rollout(student, src, cam_src, cam_tgt, steps, exit_step, generator, src_gra
     for c0 in range(0, T, cfg.chunk):
         sl = slice(c0, min(T, c0 + cfg.chunk))
         noise = torch.randn((steps, B, sl.stop - sl.start) + src.shape[2:], generator=generator).to(src.device)
-        time = torch.arange(sl.start, sl.stop, device=src.device)
-        out.append(student_chunk(student, cache, src[:, sl], cam_src[:, sl], cam_tgt[:, sl], time, steps, noise, exit_step,
-                                 src_grad))
+        out.append(student_chunk(student, cache, src[:, sl], cam_src[:, sl], cam_tgt[:, sl], range(sl.start, sl.stop), steps,
+                                 noise, exit_step, src_grad))     # pair indices as a range: no host sync
     return torch.cat(out, 1)
 
 
@@ -92,14 +92,48 @@ def critic_timesteps(kind, B, shift, generator):
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
 
-def allreduce(model, world):
+BUCKET = 2 ** 24     # elements a flat communication buffer holds at most (64 MB in float32)
+
+
+def buckets(tensors, cap=BUCKET):
+    """Consecutive runs of tensors of one dtype and device, about `cap` elements each at most (a
+    larger tensor is a bucket of its own): what one collective call carries."""
+    out, n = [], 0
+    for t in tensors:
+        if out and n + t.numel() <= cap and (t.dtype, t.device) == (out[-1][0].dtype, out[-1][0].device):
+            out[-1].append(t)
+            n += t.numel()
+        else:
+            out.append([t])
+            n = t.numel()
+    return out
+
+
+def allreduce(model, world, cap=BUCKET):
     """Average gradients over processes by hand (the rollout calls the model many times outside
-    DistributedDataParallel's forward)."""
-    if world > 1:
-        for q in model.parameters():
-            if q.grad is not None:
-                dist.all_reduce(q.grad)
-                q.grad /= world
+    DistributedDataParallel's forward): flattened into buckets, one all-reduce a bucket. Every
+    rank runs the same code path, so the same parameters have gradients everywhere."""
+    if world <= 1:
+        return
+    for bucket in buckets([q.grad for q in model.parameters() if q.grad is not None], cap):
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat)
+        flat /= world
+        for grad, avg in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            grad.copy_(avg)
+
+
+@torch.no_grad()
+def broadcast(modules, src=0, cap=BUCKET):
+    """Every rank takes rank src's weights (parameters and buffers) of these modules, in flat
+    buckets: at a stage's start all ranks hold the same student, EMA and critic, whatever file
+    each of them read."""
+    tensors = [t for m in modules if m is not None for t in list(m.parameters()) + list(m.buffers())]
+    for bucket in buckets(tensors, cap):
+        flat = _flatten_dense_tensors(bucket)
+        dist.broadcast(flat, src)
+        for t, v in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            t.copy_(v)
 
 
 def optimize(model, opt, loss, clip, world=1):
@@ -372,16 +406,21 @@ def main():
                 print(f"{stage}: already done ({path}, step {ck['step']})")
             continue
         student, ema, opt, critic, opt_c, start = build_stage(stage, ck, resume, scfg, tcfg, tweights, args, dev)
+        if ddp:
+            broadcast([student, ema, critic])                # every rank starts from rank 0's weights
         tag = {"causal": 4, "dmd": 5}[stage]                 # the stage's RNG tag
 
         def save(step):
-            if not master:
-                return
-            extra = dict(critic=critic.state_dict(), optim_critic=opt_c.state_dict()) if critic is not None else {}
-            save_checkpoint(path, model=student.state_dict(), ema=ema.state_dict(), optim=opt.state_dict(), step=step,
-                            config=asdict(scfg), student=dict(steps=args.steps, stage=stage), teacher=args.teacher,
-                            args=vars(args), **extra,
-                            rng={"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})})
+            """Rank 0 writes the stage's checkpoint; under DDP every rank waits for it (the next
+            stage, on any rank, starts from this file)."""
+            if master:
+                extra = dict(critic=critic.state_dict(), optim_critic=opt_c.state_dict()) if critic is not None else {}
+                save_checkpoint(path, model=student.state_dict(), ema=ema.state_dict(), optim=opt.state_dict(), step=step,
+                                config=asdict(scfg), student=dict(steps=args.steps, stage=stage), teacher=args.teacher,
+                                args=vars(args), **extra,
+                                rng={"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})})
+            if ddp:
+                dist.barrier()
 
         if master:
             print(f"{stage}: {start}..{max_steps} steps from {start_path}, chunk {scfg.chunk}, "
@@ -392,7 +431,7 @@ def main():
                 if interrupt.stop(ddp, dev):
                     if master:
                         print(f"interrupted after {step} steps of {stage}: saving {path} (continue with --resume)")
-                        save(step)
+                    save(step)
                     raise SystemExit(130)
                 last = step == max_steps
                 if master and args.eval_every and (step % args.eval_every == 0 or last) and step > start:

@@ -2,6 +2,8 @@
 rollouts, the cached few-step sampler against full masked forwards, distill.py end to end."""
 import json
 import os
+import subprocess
+import sys
 from dataclasses import asdict, replace
 
 import pytest
@@ -255,3 +257,67 @@ def test_reconstruction_term_pulls_the_rollout_to_the_truth():
     assert not moved
     errs, moved = run(1.0, 15)
     assert moved and errs[-1] < 0.7 * errs[0], errs
+
+# -----------------------------------------------------------------------------
+# DDP (two CPU processes on gloo)
+
+
+def _ddp_worker(rank, world, init, out):
+    """One rank: different weights and gradients on each; broadcast, then the bucketed all-reduce
+    (all_reduce calls counted); what it holds after each is saved for the test."""
+    import torch.distributed as dist
+    import distill
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    calls, inner = [], dist.all_reduce
+    dist.all_reduce = lambda t, *a, **k: (calls.append(t.numel()), inner(t, *a, **k))[1]
+    m = random_model(TINY, seed=rank)
+    distill.broadcast([m])
+    g = torch.Generator().manual_seed(10 + rank)
+    for q in m.parameters():
+        q.grad = torch.randn(q.shape, generator=g)
+    own = {k: q.grad.clone() for k, q in m.named_parameters()}
+    distill.allreduce(m, world)                                  # one bucket: `tiny` is small
+    one = list(calls)
+    distill.allreduce(m, world, cap=20_000)                      # small buckets: the mean stays the mean
+    torch.save(dict(weights=m.state_dict(), own=own, avg={k: q.grad for k, q in m.named_parameters()}, one=one,
+                    calls=calls[len(one):]),
+               os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_broadcast_and_bucketed_allreduce_on_two_processes(tmp_path):
+    """Two gloo processes: after broadcast both hold rank 0's weights; the gradient all-reduce
+    averages every gradient in a few flat buckets (not one call a tensor)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2)
+    r = [torch.load(str(tmp_path / f"rank{i}.pt"), weights_only=True) for i in range(2)]
+    ref = random_model(TINY, seed=0).state_dict()
+    assert all(torch.equal(r[i]["weights"][k], v) for i in range(2) for k, v in ref.items())
+    assert all(torch.allclose(r[i]["avg"][k], (r[0]["own"][k] + r[1]["own"][k]) / 2, atol=1e-6) for i in range(2) for k in ref
+               if k in r[0]["own"])
+    n_params, numel = len(r[0]["own"]), sum(v.numel() for v in r[0]["own"].values())
+    assert r[0]["one"] == [numel]
+    calls = r[0]["calls"]
+    sizes = {v.numel() for v in r[0]["own"].values()}                          # a larger tensor: a bucket alone
+    assert sum(calls) == numel and all(n <= 20_000 or n in sizes for n in calls) and 1 < len(calls) < n_params / 2
+
+
+def test_ddp_stage_all_hands_over(tmp_path, device):
+    """distill.py --stage all under torchrun with two processes (gloo on the CPU): the DMD stage
+    starts from the causal checkpoint rank 0 saved (every rank waits for it, then takes rank 0's
+    weights), and the run ends with the final student."""
+    if device != "cpu" and torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    t = random_model(TINY, 1)
+    tpath, out = str(tmp_path / "teacher.pt"), str(tmp_path / "s")
+    save_checkpoint(tpath, model=t.state_dict(), ema=t.state_dict(), config=asdict(TINY), step=0)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "distill.py",
+                        "--teacher", tpath, "--out", out, "--causal_steps", "3", "--dmd_steps", "2", "--critic_steps", "1",
+                        "--pairs", "2", "--max_pairs", "2", "--eval_every", "0", "--save_every", "100", "--device", device],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 pairs x 2 a step" in r.stdout and "dmd: 0..2 steps from " + os.path.join(out, "causal.pt") in r.stdout
+    causal, final = (torch.load(os.path.join(out, f), weights_only=True) for f in ("causal.pt", "ckpt.pt"))
+    assert causal["step"] == 3 and final["step"] == 2 and final["student"]["stage"] == "dmd"
+
