@@ -5,6 +5,7 @@ Distill the bidirectional many-step teacher into a few-step block-causal student
     python distill.py                                  # every stage, runs/teacher/ckpt.pt -> runs/student/ckpt.pt
     python distill.py --stage causal --teacher runs/tiny/ckpt.pt --out runs/tiny_student --causal_steps 50
     python distill.py --stage dmd --init runs/student/causal.pt      # one stage from a given start
+    python distill.py --minutes 60                     # time-boxed: causal 12 minutes, DMD the rest
     torchrun --standalone --nproc_per_node=8 distill.py               # several GPUs
 
 Stage `causal`: the student starts from the teacher's weights with the block-causal mask and is
@@ -239,8 +240,15 @@ def parse_args():
                    help="share of DMD rollouts drawn from LoopAug loops, 0..1 (needs --data)")
     p.add_argument("--pairs", type=int, default=None, help="pairs a batch per process (default: 8 CPU, 32 CUDA)")
     p.add_argument("--max_pairs", type=int, default=6, help="rollout / clip lengths drawn from 1..max_pairs")
-    p.add_argument("--causal_steps", type=int, default=None, help="causal-stage steps (default: per preset)")
-    p.add_argument("--dmd_steps", type=int, default=None, help="DMD generator steps (default: per preset)")
+    p.add_argument("--causal_steps", type=int, default=None,
+                   help="causal-stage steps (default: per preset; with --minutes: no limit but the time)")
+    p.add_argument("--dmd_steps", type=int, default=None,
+                   help="DMD generator steps (default: per preset; with --minutes: no limit but the time)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="time-boxed run: the stages share this many minutes of wall-clock time (counted across "
+                        "--resume); a stage whose time is up evaluates, saves and hands over to the next")
+    p.add_argument("--causal_share", type=float, default=0.2,
+                   help="with --minutes and both stages: the causal stage's share of the time (DMD gets the rest)")
     p.add_argument("--lr", type=float, default=5e-5, help="student learning rate (causal and DMD)")
     p.add_argument("--lr_critic", type=float, default=1e-4, help="critic learning rate")
     p.add_argument("--critic_steps", type=int, default=5, help="critic updates a generator update")
@@ -262,6 +270,10 @@ def parse_args():
                                     "save_every"), nonneg=("window", "sink", "eval_every"))
     if not 0 <= args.loopaug <= 1:
         data.fail(f"--loopaug is a share of the rollouts, 0..1, got {args.loopaug}")
+    if args.minutes is not None and not args.minutes > 0:
+        data.fail(f"--minutes must be positive, got {args.minutes}")
+    if not 0 < args.causal_share < 1:
+        data.fail(f"--causal_share is a share of --minutes, between 0 and 1, got {args.causal_share}")
     if not (args.lr > 0 and args.lr_critic > 0 and args.clip > 0 and 0 <= args.ema < 1 and args.recon >= 0):
         data.fail("--lr, --lr_critic and --clip must be positive, --recon non-negative, --ema in [0, 1)")
     if args.loopaug > 0 and not args.data:
@@ -341,15 +353,25 @@ def setup_ddp(args):
     return True, dist.get_rank(), dist.get_world_size()
 
 
+def agree(ddp, dev, *flags):
+    """Flags of this process -> the same on every process (one all-reduce, any True wins), so all
+    ranks stop at the same step."""
+    if not ddp:
+        return list(flags)
+    f = torch.tensor([float(x) for x in flags], device=dev)
+    dist.all_reduce(f, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in f.tolist()]
+
+
 def evaluate(ema, stage, step, steps, out, dev):
     """Held-out figures of the student's EMA at `steps` steps (evals.jsonl) and a sample video
-    and strip. Returns the log line."""
+    and strip. Returns the log line and the figures."""
     res, (s, x, y) = quick_eval(ema, steps, student=True, device=dev)
     with open(os.path.join(out, "evals.jsonl"), "a") as f:
         f.write(json.dumps(dict(stage=stage, step=step, sample=res)) + "\n")
     save_sample_video(os.path.join(out, f"sample_{stage}.mp4"), s, x, y)
     save_strip(os.path.join(out, f"sample_{stage}.png"), s, x, y)
-    return f"eval {stage} {step} | {format_quick(res)}"
+    return f"eval {stage} {step} | {format_quick(res)}", res
 
 # -----------------------------------------------------------------------------
 
@@ -372,8 +394,10 @@ def main():
         data.fail(f"{first} is another network than the teacher {args.teacher} (its config differs)")
     tcfg = Config(**tckpt["config"])
     preset = next((k for k, v in {"tiny": 16, "small": 32, "base": 64}.items() if v == tcfg.size), "small")
-    args.causal_steps = args.causal_steps if args.causal_steps is not None else {"tiny": 50, "small": 600, "base": 3000}[preset]
-    args.dmd_steps = args.dmd_steps if args.dmd_steps is not None else {"tiny": 50, "small": 400, "base": 3000}[preset]
+    defaults = dict(causal_steps={"tiny": 50, "small": 600, "base": 3000}, dmd_steps={"tiny": 50, "small": 400, "base": 3000})
+    for k, per_preset in defaults.items():                  # with --minutes: no limit but the time
+        if getattr(args, k) is None:
+            setattr(args, k, 10 ** 9 if args.minutes else per_preset[preset])
     teacher = RealCamDiT(tcfg).to(dev).requires_grad_(False).eval()
     tweights = tckpt.get("ema") or tckpt["model"]     # a training checkpoint or a release file
     teacher.load_state_dict(tweights)
@@ -397,11 +421,24 @@ def main():
         return [x.to(dev) for x in (b["src"], b["tgt"], cam_src, cam_tgt)]
 
     interrupt = StopFlag()
+    seconds, summary = {}, dict(world=world, device=dev, minutes=args.minutes, stages={})   # seconds: each stage's time
+
+    def budget(stage):
+        """Seconds of wall-clock time this stage may use (--minutes): all of them for one stage;
+        with both, the causal stage its share and DMD the rest, what causal did not use included."""
+        total = 60 * args.minutes
+        if len(stages) == 1:
+            return total
+        return args.causal_share * total if stage == "causal" else total - seconds.get("causal", 0.0)
+
     for stage in stages:
         path, max_steps = os.path.join(args.out, f"{stage}.pt"), getattr(args, f"{stage}_steps")
         start_path, resume = stage_start(stage, stages, args)
         ck = load_start(start_path, "student" if resume or stage == "dmd" else "teacher", f"the {stage} stage's start")
+        spent = ck.get("train_seconds", 0.0) if resume else 0.0          # this stage's time before this run
         if resume and ck["step"] >= max_steps:
+            seconds[stage] = spent
+            summary["stages"][stage] = dict(steps=ck["step"], steps_this_run=0, train_seconds=spent, already_done=True)
             if master:
                 print(f"{stage}: already done ({path}, step {ck['step']})")
             continue
@@ -409,6 +446,7 @@ def main():
         if ddp:
             broadcast([student, ema, critic])                # every rank starts from rank 0's weights
         tag = {"causal": 4, "dmd": 5}[stage]                 # the stage's RNG tag
+        t_stage, used = time.time(), spent
 
         def save(step):
             """Rank 0 writes the stage's checkpoint; under DDP every rank waits for it (the next
@@ -417,34 +455,41 @@ def main():
                 extra = dict(critic=critic.state_dict(), optim_critic=opt_c.state_dict()) if critic is not None else {}
                 save_checkpoint(path, model=student.state_dict(), ema=ema.state_dict(), optim=opt.state_dict(), step=step,
                                 config=asdict(scfg), student=dict(steps=args.steps, stage=stage), teacher=args.teacher,
-                                args=vars(args), **extra,
+                                args=vars(args), train_seconds=spent + time.time() - t_stage, **extra,
                                 rng={"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})})
             if ddp:
                 dist.barrier()
 
         if master:
-            print(f"{stage}: {start}..{max_steps} steps from {start_path}, chunk {scfg.chunk}, "
-                  f"window {scfg.window}, {args.steps} steps a chunk, {args.pairs} pairs x {world} a step")
+            print(f"{stage}: {start}.." + (f"{max_steps}" if max_steps < 10 ** 9 else "") + f" steps from {start_path}"
+                  + (f", {budget(stage) / 60:.2f} of {args.minutes:g} min" if args.minutes else "")
+                  + f", chunk {scfg.chunk}, window {scfg.window}, {args.steps} steps a chunk, {args.pairs} pairs x {world} a step")
         bar = tqdm(range(start, max_steps + 1), disable=not master, dynamic_ncols=True, mininterval=5)
+        times, last_eval = [], None
         try:
             for step in bar:
-                if interrupt.stop(ddp, dev):
+                used = spent + time.time() - t_stage
+                hit, time_up = agree(ddp, dev, interrupt.hit, bool(args.minutes) and used >= budget(stage))
+                if hit:
                     if master:
                         print(f"interrupted after {step} steps of {stage}: saving {path} (continue with --resume)")
                     save(step)
                     raise SystemExit(130)
-                last = step == max_steps
+                last = step == max_steps or time_up
                 if master and args.eval_every and (step % args.eval_every == 0 or last) and step > start:
-                    bar.write(evaluate(ema, stage, step, args.steps, args.out, dev))
+                    line, last_eval = evaluate(ema, stage, step, args.steps, args.out, dev)
+                    bar.write(line)
                 if (step % args.save_every == 0 or last) and step > start:
                     save(step)
                 if last:
+                    if time_up and master:
+                        print(f"{stage}: time is up ({used / 60:.2f} min) after {step} steps")
                     break
                 t0 = time.time()
                 g = data.rng(args.seed, tag, step, rank)
                 gs = data.rng(args.seed, tag, step)                 # shared by ranks
                 batch = get_batch(step, stage)
-                msg = f"{stage} {step}/{max_steps} | T {batch[0].shape[1]}"
+                msg = f"{stage} {step}/{max_steps if max_steps < 10 ** 9 else '-'} | T {batch[0].shape[1]}"
                 if stage == "causal":
                     msg += causal_step(student, opt, batch, g, args.clip, world, autocast)
                 else:
@@ -457,19 +502,27 @@ def main():
                     msg += (f" | loss {loss.item():.3e} | critic {loss_c.item():.4f} | |g| {gnorm_g.mean().item():.2f}"
                             f" | gnorm {gn.item():.2f} | exit {exit_step}")
                 ema_update(ema, student, step, args.ema)
+                times.append(time.time() - t0)
                 if master:
-                    msg += f" | {1000 * (time.time() - t0):.0f} ms"
+                    msg += f" | {1000 * times[-1]:.0f} ms"
                     with open(os.path.join(args.out, "log.txt"), "a") as f:
                         f.write(msg + "\n")
                     if step % 25 == 0 or step < start + 3:
                         bar.write(msg)
         except KeyboardInterrupt:     # a second Ctrl-C: the last periodic checkpoint stands
             raise SystemExit(130)
+        seconds[stage] = used
+        summary["stages"][stage] = dict(steps=step, steps_this_run=len(times), train_seconds=used, time_up=time_up,
+                                        budget_seconds=budget(stage) if args.minutes else None,
+                                        step_ms=1000 * sorted(times)[len(times) // 2] if times else None,
+                                        last_eval=last_eval)
     if master:
         final = os.path.join(args.out, f"{stages[-1]}.pt")
         if os.path.exists(final):
             shutil.copyfile(final, os.path.join(args.out, "ckpt.pt"))
             print(f"student: {os.path.join(args.out, 'ckpt.pt')} (evaluate with: python eval.py --ckpt {os.path.join(args.out, 'ckpt.pt')})")
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
     if ddp:
         dist.destroy_process_group()
 

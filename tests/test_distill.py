@@ -259,7 +259,7 @@ def test_reconstruction_term_pulls_the_rollout_to_the_truth():
     assert moved and errs[-1] < 0.7 * errs[0], errs
 
 # -----------------------------------------------------------------------------
-# DDP (two CPU processes on gloo)
+# DDP (two CPU processes on gloo) and time-boxed runs
 
 
 def _ddp_worker(rank, world, init, out):
@@ -321,3 +321,29 @@ def test_ddp_stage_all_hands_over(tmp_path, device):
     causal, final = (torch.load(os.path.join(out, f), weights_only=True) for f in ("causal.pt", "ckpt.pt"))
     assert causal["step"] == 3 and final["step"] == 2 and final["student"]["stage"] == "dmd"
 
+
+def test_time_boxed_distillation(script, tmp_path):
+    """--minutes: the causal stage runs for its share of the time, DMD for the rest; each stage
+    whose time is up evaluates, saves and hands over; the final student and summary.json are
+    written. A second run finds the time used and trains no further."""
+    t = random_model(TINY, 1)
+    tpath, out = str(tmp_path / "teacher.pt"), str(tmp_path / "s")
+    save_checkpoint(tpath, model=t.state_dict(), ema=t.state_dict(), config=asdict(TINY), step=0)
+    args = ["distill.py", "--teacher", tpath, "--out", out, "--minutes", 0.15, "--causal_share", 0.4, "--critic_steps", 1,
+            "--pairs", 2, "--max_pairs", 2, "--eval_every", 10 ** 6, "--save_every", 10 ** 6]
+    r = script(*args)
+    assert "causal: time is up" in r.stdout and "dmd: time is up" in r.stdout, r.stdout
+    s = json.load(open(os.path.join(out, "summary.json")))["stages"]
+    c, d = s["causal"], s["dmd"]
+    assert c["budget_seconds"] == pytest.approx(3.6) and 3.6 <= c["train_seconds"] < 3.6 + 30
+    assert d["budget_seconds"] == pytest.approx(9 - c["train_seconds"]) and d["train_seconds"] >= d["budget_seconds"]
+    assert c["steps"] >= 1 and d["steps"] >= 1 and c["last_eval"] and d["last_eval"]
+    causal, final = (torch.load(os.path.join(out, f), weights_only=True) for f in ("causal.pt", "ckpt.pt"))
+    assert causal["step"] == c["steps"] and final["step"] == d["steps"] and final["student"]["stage"] == "dmd"
+    assert causal["train_seconds"] >= c["train_seconds"]
+    evals = [json.loads(line) for line in open(os.path.join(out, "evals.jsonl"))]
+    assert [(e["stage"], e["step"]) for e in evals] == [("causal", c["steps"]), ("dmd", d["steps"])]
+    r = script(*args)                                                       # --stage all continues: nothing left
+    s2 = json.load(open(os.path.join(out, "summary.json")))["stages"]
+    assert s2["causal"]["steps_this_run"] == 0 and s2["dmd"]["steps_this_run"] == 0
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == d["steps"]
