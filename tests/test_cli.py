@@ -61,6 +61,8 @@ CASES = [
     ("teacher.py", "--preset tiny --out {d} --resume", "is a student checkpoint; --resume continues a teacher"),
     ("distill.py", "--teacher {d}/teacher.pt --steps 0", "--steps must be at least 1"),
     ("distill.py", "--teacher {d}/teacher.pt --window -1", "--window must be non-negative"),
+    ("distill.py", "--teacher {d}/teacher.pt --dmd 0", "--dmd and --recon are loss weights"),
+    ("distill.py", "--teacher {d}/teacher.pt --recon -1", "--dmd and --recon are loss weights"),
     ("distill.py", "--teacher {d}/teacher.pt --device cuda", "CUDA is not available"),
     ("distill.py", "--teacher {d}/random.pt", "not a file torch.load reads"),
     ("distill.py", "--teacher {d}/student.pt", "is a student checkpoint; --teacher needs a teacher"),
