@@ -181,25 +181,29 @@ def critic_step(critic, opt_c, student, batch, steps, g, gs, clip, critic_t="flo
 
 
 def dmd_step(student, opt, teacher, critic, batch, steps, g, gs, clip, src_grad=False, recon=0.0, world=1,
-             autocast=NO_AUTOCAST):
+             autocast=NO_AUTOCAST, dmd=1.0):
     """The generator: a Self-Forcing rollout (one exit step shared by every chunk and rank, with
     gradient; src_grad: through the chunk's source encoding too), noised to one DMD t a sample,
     denoised by the frozen teacher (real) and the critic (fake); the DMD loss moves the rollout
     toward the real denoising. recon > 0 adds recon * mse(rollout, ground truth): multi-view
     data has the true target (DESIGN section 4), and the term keeps what the source shows where
-    the geometry puts it while DMD keeps the texture sharp."""
+    the geometry puts it while DMD keeps the texture sharp. dmd = 0 drops the DMD term (no
+    teacher or critic call): Self-Forcing rollouts regressed on the truth alone."""
     src, tgt, cam_src, cam_tgt = batch
     (B, T), dev = src.shape[:2], src.device
     exit_step = int(torch.randint(steps, (1,), generator=gs))
     with autocast:
         x = rollout(student, src, cam_src, cam_tgt, steps, exit_step, g, src_grad).float()
-    t = dmd_timestep(B, student.cfg.shift, g)[:, None].expand(B, T).to(dev)
-    e = torch.randn(x.shape, generator=g).to(dev)
-    with torch.no_grad(), autocast:
-        xt = add_noise(x.detach(), e, t)
-        x0_real = to_x0(teacher(src, xt, cam_src, cam_tgt, t).float(), xt, t, teacher.cfg)
-        x0_fake = to_x0(critic(src, xt, cam_src, cam_tgt, t).float(), xt, t, critic.cfg)
-    loss, gnorm_g = dmd_loss(x, x0_real, x0_fake)
+    loss, gnorm_g = x.new_zeros(()), x.new_zeros(B)
+    if dmd > 0:
+        t = dmd_timestep(B, student.cfg.shift, g)[:, None].expand(B, T).to(dev)
+        e = torch.randn(x.shape, generator=g).to(dev)
+        with torch.no_grad(), autocast:
+            xt = add_noise(x.detach(), e, t)
+            x0_real = to_x0(teacher(src, xt, cam_src, cam_tgt, t).float(), xt, t, teacher.cfg)
+            x0_fake = to_x0(critic(src, xt, cam_src, cam_tgt, t).float(), xt, t, critic.cfg)
+        loss, gnorm_g = dmd_loss(x, x0_real, x0_fake)
+        loss = dmd * loss
     if recon > 0:
         loss = loss + recon * F.mse_loss(x, encode_target(tgt, src, student.cfg))
     gn = optimize(student, opt, loss, clip, world)
@@ -258,6 +262,8 @@ def parse_args():
                    help="research: the DMD gradient also trains the source path (sources encoded with gradient at the exit step)")
     p.add_argument("--recon", type=float, default=0.0,
                    help="weight of a reconstruction term (mse of the rollout against the true target) added to DMD")
+    p.add_argument("--dmd", type=float, default=1.0,
+                   help="weight of the DMD term (0: no critic, no teacher calls: Self-Forcing rollouts regressed on the truth by --recon)")
     p.add_argument("--ema", type=float, default=0.99, help="EMA decay of the student")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--eval_every", type=int, default=100,
@@ -268,6 +274,8 @@ def parse_args():
     args = p.parse_args()
     data.check_args(args, positive=("chunk", "steps", "pairs", "max_pairs", "causal_steps", "dmd_steps", "critic_steps",
                                     "save_every"), nonneg=("window", "sink", "eval_every"))
+    if args.dmd < 0 or args.recon < 0 or args.dmd == args.recon == 0:
+        data.fail(f"--dmd and --recon are loss weights, >= 0 and not both 0, got {args.dmd} and {args.recon}")
     if not 0 <= args.loopaug <= 1:
         data.fail(f"--loopaug is a share of the rollouts, 0..1, got {args.loopaug}")
     if args.minutes is not None and not args.minutes > 0:
@@ -494,11 +502,12 @@ def main():
                     msg += causal_step(student, opt, batch, g, args.clip, world, autocast)
                 else:
                     loss_c = torch.zeros(())
-                    for _ in range(args.critic_steps):
+                    for _ in range(args.critic_steps if args.dmd > 0 else 0):
                         loss_c = critic_step(critic, opt_c, student, batch, args.steps, g, gs, args.clip, args.critic_t,
                                              world, autocast)
                     loss, gnorm_g, gn, exit_step = dmd_step(student, opt, teacher, critic, batch, args.steps, g, gs,
-                                                            args.clip, args.src_grad, args.recon, world, autocast)
+                                                            args.clip, args.src_grad, args.recon, world, autocast,
+                                                            args.dmd)
                     msg += (f" | loss {loss.item():.3e} | critic {loss_c.item():.4f} | |g| {gnorm_g.mean().item():.2f}"
                             f" | gnorm {gn.item():.2f} | exit {exit_step}")
                 ema_update(ema, student, step, args.ema)
