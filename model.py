@@ -49,10 +49,16 @@ class Config:
     sink: int = 0               # student: first chunks always kept in the window
 
 
+# The recipe that learns the geometry (README, Results: the ablation): x-prediction, camera RoPE
+# (planes at inverse depths 1.6, 1.0, 0.6 and 0 = infinity, one a head), the source's pixels
+# beside each target's, residual targets. Config's own defaults are the plain baseline, which
+# checkpoints written before these fields existed also describe.
+RECIPE = dict(pred="x", cam_rope=(1.6, 1.0, 0.6, 0.0), src_concat=True, residual=True)
+
 PRESETS = {
-    "tiny": Config(size=16, patch=4, dim=64, depth=2, heads=2),            # tests: well under 1 s a step
-    "small": Config(size=32, patch=4, dim=256, depth=6, heads=4),          # 2-core CPU, ~2 hours
-    "base": Config(size=64, patch=4, dim=768, depth=12, heads=12),         # one GPU
+    "tiny": Config(size=16, patch=4, dim=64, depth=2, heads=2, **RECIPE),      # tests: well under 1 s a step
+    "small": Config(size=32, patch=4, dim=256, depth=6, heads=4, **RECIPE),    # 2-core CPU, ~2 hours
+    "base": Config(size=64, patch=4, dim=768, depth=12, heads=12, **RECIPE),   # one GPU
 }
 
 # -----------------------------------------------------------------------------

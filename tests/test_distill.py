@@ -9,6 +9,8 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
+import model
+
 from conftest import ROOT
 from distill import critic_timesteps, dmd_loss, dmd_step, dmd_timestep, rollout
 from model import (KVCache, PRESETS, decode_target, sample_t, save_checkpoint, student_chunk, student_sample,
@@ -131,8 +133,8 @@ def test_cached_few_step_sampler_equals_full_masked_forwards(chunk, window, src_
             x, end = noise[0], c0 + n
             for j in range(steps):
                 t = torch.cat([torch.zeros(B, c0), torch.full((B, n), ts[j])], 1)
-                v = m(src[:, :end], torch.cat([done, x], 1), cs[:, :end], ct[:, :end], t, causal=True)[:, c0:]
-                x0 = x - ts[j] * v
+                out = m(src[:, :end], torch.cat([done, x], 1), cs[:, :end], ct[:, :end], t, causal=True)[:, c0:]
+                x0 = model.to_x0(out, x, t[:, c0:], cfg)                  # x - t v, or x0 itself (pred x)
                 x = (1 - ts[j + 1]) * x0 + ts[j + 1] * noise[j + 1] if j < steps - 1 else x
             done = torch.cat([done, x0], 1)
     ref = decode_target(done, src, cfg)
@@ -168,9 +170,11 @@ def test_distill_stages_end_to_end(script, tmp_path):
 def test_src_grad_reaches_the_source_path_and_keeps_the_rollout():
     """With src_grad the DMD loss's gradient reaches the source tokens (the input frames, the
     source role embedding, more of the patch embedding); the rollout, its cache and the loss are
-    the same as without."""
-    cfg = replace(TINY, window=2)
-    student, teacher, critic = random_model(cfg, 0), random_model(TINY, 1), random_model(TINY, 2)
+    the same as without. Without src_concat: otherwise the target tokens, which carry their source
+    frame's pixels, pass a gradient to the source frames either way."""
+    base = replace(TINY, src_concat=False)
+    cfg = replace(base, window=2)
+    student, teacher, critic = random_model(cfg, 0), random_model(base, 1), random_model(base, 2)
     src, tgt, cs, ct, _ = inputs(2, 4)
     x = {sg: rollout(student, src, cs, ct, 3, 1, torch.Generator().manual_seed(0), src_grad=sg).detach()
          for sg in (False, True)}

@@ -179,21 +179,25 @@ def test_flow_helpers():
 
 
 class Oracle(torch.nn.Module):
-    """Predicts the exact rectified-flow velocity toward a known x0: v = (x_t - x0) / t."""
+    """Predicts the exact rectified-flow answer toward a known x0: the velocity
+    v = (x_t - x0) / t (pred 'v') or x0 itself (pred 'x')."""
     def __init__(self, cfg, x0):
         super().__init__()
         self.cfg, self.x0 = cfg, x0
 
     def forward(self, src, xt, cs, ct, t):
+        if self.cfg.pred == "x":
+            return self.x0.expand_as(xt)
         return (xt - self.x0) / t[..., None, None, None].clamp(min=1e-8)
 
 
-def test_euler_sampler_on_a_known_flow():
-    """With the exact velocity field the Euler sampler lands on x0 from any noise."""
+@pytest.mark.parametrize("pred", ["v", "x"])
+def test_euler_sampler_on_a_known_flow(pred):
+    """With the exact velocity field (or the exact x0) the Euler sampler lands on x0 from any noise."""
     g = torch.Generator().manual_seed(0)
     src, cs = torch.rand(2, 3, 3, 16, 16, generator=g) - 0.5, torch.zeros(2, 3, 6, 16, 16)
     tgt = torch.rand(2, 3, 3, 16, 16, generator=g) - 0.5
-    out = teacher_sample(Oracle(TINY, tgt - src), src, cs, cs, steps=7, generator=g)   # residual x0
+    out = teacher_sample(Oracle(replace(TINY, pred=pred), tgt - src), src, cs, cs, steps=7, generator=g)   # residual x0
     assert torch.allclose(out, tgt, atol=1e-5)
 
 
