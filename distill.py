@@ -12,8 +12,11 @@ Stage `causal`: the student starts from the teacher's weights with the block-cau
 fine-tuned with the flow-matching loss on ground-truth pairs, every chunk at its own noise level
 (some chunks clean, as the KV cache will hold them at inference).
 Stage `dmd`: Self-Forcing. The student generates the target chunk by chunk from its own KV cache
-(model.student_chunk) and one exit step per rollout keeps gradients; the DMD loss compares the
-frozen teacher (real score) with a critic (fake score) trained online on the student's samples.
+(model.student_chunk) and one exit step per rollout keeps gradients. Two losses on the rollout:
+a reconstruction term against the true target (--recon, on by default: multi-view data has it)
+and DMD (--dmd, off by default), which compares the frozen teacher (real score) with a critic
+(fake score) trained online on the student's samples. The stage keeps its name: with --dmd 1 it
+is the DMD of the method; README, Distillation, has the measurements behind the defaults.
 """
 import copy
 import json
@@ -243,7 +246,9 @@ def parse_args():
     p.add_argument("--loopaug", type=float, default=0.0,
                    help="share of DMD rollouts drawn from LoopAug loops, 0..1 (needs --data)")
     p.add_argument("--pairs", type=int, default=None, help="pairs a batch per process (default: 8 CPU, 32 CUDA)")
-    p.add_argument("--max_pairs", type=int, default=6, help="rollout / clip lengths drawn from 1..max_pairs")
+    p.add_argument("--max_pairs", type=int, default=None,
+                   help="clip / rollout lengths drawn from 1..max_pairs (default: 6 causal, 12 dmd: rollouts three "
+                        "times the window, where a stream's own frames fill the cache)")
     p.add_argument("--causal_steps", type=int, default=None,
                    help="causal-stage steps (default: per preset; with --minutes: no limit but the time)")
     p.add_argument("--dmd_steps", type=int, default=None,
@@ -260,10 +265,11 @@ def parse_args():
                    help="research: the critic's training timesteps drawn as the flow loss's (flow) or as the DMD loss's (dmd)")
     p.add_argument("--src_grad", action="store_true",
                    help="research: the DMD gradient also trains the source path (sources encoded with gradient at the exit step)")
-    p.add_argument("--recon", type=float, default=0.0,
-                   help="weight of a reconstruction term (mse of the rollout against the true target) added to DMD")
-    p.add_argument("--dmd", type=float, default=1.0,
-                   help="weight of the DMD term (0: no critic, no teacher calls: Self-Forcing rollouts regressed on the truth by --recon)")
+    p.add_argument("--recon", type=float, default=1.0,
+                   help="weight of the reconstruction term: mse of the Self-Forcing rollout against the true target")
+    p.add_argument("--dmd", type=float, default=0.0,
+                   help="weight of the DMD term (default 0: no critic and no teacher calls; README, Distillation: why "
+                        "the shipped student does without)")
     p.add_argument("--ema", type=float, default=0.99, help="EMA decay of the student")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--eval_every", type=int, default=100,
@@ -402,7 +408,7 @@ def main():
         data.fail(f"{first} is another network than the teacher {args.teacher} (its config differs)")
     tcfg = Config(**tckpt["config"])
     preset = next((k for k, v in {"tiny": 16, "small": 32, "base": 64}.items() if v == tcfg.size), "small")
-    defaults = dict(causal_steps={"tiny": 50, "small": 600, "base": 3000}, dmd_steps={"tiny": 50, "small": 400, "base": 3000})
+    defaults = dict(causal_steps={"tiny": 50, "small": 600, "base": 3000}, dmd_steps={"tiny": 50, "small": 1400, "base": 3000})
     for k, per_preset in defaults.items():                  # with --minutes: no limit but the time
         if getattr(args, k) is None:
             setattr(args, k, 10 ** 9 if args.minutes else per_preset[preset])
@@ -419,12 +425,13 @@ def main():
 
     def get_batch(step, stage):
         u = torch.rand(1, generator=data.rng(args.seed, step, 3)).item()     # tag 3: loop or not
+        mp = args.max_pairs or {"causal": 6, "dmd": 12}[stage]
         if loops and stage == "dmd" and u < args.loopaug:
-            b = loops.batch(step, args.pairs, args.max_pairs, args.seed, rank)
+            b = loops.batch(step, args.pairs, mp, args.seed, rank)
         elif dataset:
-            b = dataset.batch(step, args.pairs, args.max_pairs, args.seed, rank)
+            b = dataset.batch(step, args.pairs, mp, args.seed, rank)
         else:
-            b = data.synthetic_batch(step, args.pairs, args.max_pairs, scfg.size, scfg.size, args.seed + 1, rank)
+            b = data.synthetic_batch(step, args.pairs, mp, scfg.size, scfg.size, args.seed + 1, rank)
         cam_src, cam_tgt = data.pair_rays(b["rel"], b["K_src"], b["K_tgt"], scfg.size, scfg.size)
         return [x.to(dev) for x in (b["src"], b["tgt"], cam_src, cam_tgt)]
 

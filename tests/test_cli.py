@@ -68,7 +68,7 @@ CASES = [
     ("distill.py", "--teacher {d}/teacher.pt --window -1", "--window must be non-negative"),
     ("distill.py", "--teacher {d}/teacher.pt --minutes -1", "--minutes must be positive"),
     ("distill.py", "--teacher {d}/teacher.pt --minutes 5 --causal_share 1", "--causal_share is a share of --minutes"),
-    ("distill.py", "--teacher {d}/teacher.pt --dmd 0", "--dmd and --recon are loss weights"),
+    ("distill.py", "--teacher {d}/teacher.pt --recon 0", "--dmd and --recon are loss weights"),
     ("distill.py", "--teacher {d}/teacher.pt --recon -1", "--dmd and --recon are loss weights"),
     ("distill.py", "--teacher {d}/teacher.pt --device cuda", "CUDA is not available"),
     ("distill.py", "--teacher {d}/random.pt", "not a file torch.load reads"),

@@ -152,7 +152,7 @@ def test_distill_stages_end_to_end(script, tmp_path):
     r = script("distill.py", "--stage", "causal", "--causal_steps", 2, *common)
     assert "eval causal 2" in r.stdout + r.stderr
     r = script("distill.py", "--stage", "dmd", "--init", os.path.join(out, "causal.pt"), "--dmd_steps", 2,
-               "--critic_steps", 1, *common)
+               "--critic_steps", 1, "--dmd", 1, *common)
     log = open(os.path.join(out, "log.txt")).read()
     assert "causal 1/2" in log and "dmd 1/2" in log and "|g|" in log and "critic" in log
     r = script("eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--clips", 1, "--frames", 3, "--families", "orbit,pan",
@@ -208,7 +208,7 @@ def test_research_switches_through_distill(script, tmp_path):
     save_checkpoint(tpath, model=teacher.state_dict(), ema=teacher.state_dict(), config=asdict(TINY), step=0)
     save_checkpoint(spath, model=init.state_dict(), ema=init.state_dict(), config=asdict(replace(TINY, window=2)), step=1,
                     student=dict(steps=4, stage="causal"))
-    common = ["--stage", "dmd", "--teacher", tpath, "--init", spath, "--dmd_steps", 1, "--critic_steps", 1, "--pairs", 2,
+    common = ["--stage", "dmd", "--teacher", tpath, "--init", spath, "--dmd_steps", 1, "--critic_steps", 1, "--dmd", 1, "--pairs", 2,
               "--max_pairs", 2, "--eval_every", 0]
     script("distill.py", *common, "--out", tmp_path / "a")
     script("distill.py", *common, "--out", tmp_path / "b", "--src_grad", "--critic_t", "dmd")
@@ -340,7 +340,7 @@ def test_ddp_stage_all_hands_over(tmp_path, device):
     tpath, out = str(tmp_path / "teacher.pt"), str(tmp_path / "s")
     save_checkpoint(tpath, model=t.state_dict(), ema=t.state_dict(), config=asdict(TINY), step=0)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "distill.py",
-                        "--teacher", tpath, "--out", out, "--causal_steps", "3", "--dmd_steps", "2", "--critic_steps", "1",
+                        "--teacher", tpath, "--out", out, "--causal_steps", "3", "--dmd_steps", "2", "--critic_steps", "1", "--dmd", "1",
                         "--pairs", "2", "--max_pairs", "2", "--eval_every", "0", "--save_every", "100", "--device", device],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
