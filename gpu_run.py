@@ -12,7 +12,7 @@ can and reports every stage in summary.json:
   3. bench    bench.py on the preset (random weights): student at 1/2/4 steps with CUDA graphs,
               teacher, long stream, training step with MFU, data rendered on the GPU
   4. teacher  teacher.py --minutes M (blocks compiled; rerun eager if compilation fails)
-  5. student  distill.py from that teacher: fixed numbers of causal and DMD steps
+  5. student  distill.py from that teacher: fixed numbers of causal and Self-Forcing steps
   6. eval     eval.py on the teacher and on the student
 Into --out go at most 8 files (16 MiB each at most): gpu_run.log (every stage's output),
 summary.json, bench.json, teacher_sample.png/.mp4, teacher_eval.png, student_eval.png.
