@@ -298,6 +298,7 @@ if master:
         json.dump(summary, f, indent=1)
     print(f"done: {step} steps, wall {(time.time() - t_start) / 60:.1f} min, median step {1000 * step_s:.0f} ms "
           f"+ data {1000 * data_s:.0f} ms" + (f", peak CUDA memory {mem:.2f} GiB" if cuda else "")
-          + f", best held-out co-visible gain over copy {best:+.2f} dB -> {ckpt_path}")
+          + (f", best held-out co-visible gain over copy {best:+.2f} dB" if best > -math.inf else ", no evaluation")
+          + f" -> {ckpt_path}")
 if ddp:
     dist.destroy_process_group()
