@@ -164,7 +164,7 @@ def pair_rays(rel, K_src, K_tgt, H, W):
 PRESETS = ["static", "orbit_left", "orbit_right", "orbit", "pan_left", "pan_right", "tilt_up",
            "tilt_down", "dolly_in", "dolly_out", "zoom_in", "zoom_out", "truck_left",
            "truck_right", "pedestal_up", "pedestal_down"]
-# magnitudes, in degrees or subject distances (public references, DESIGN section 6)
+# magnitudes, in degrees or subject distances (the project's choice: moderate moves, DESIGN section 6)
 ORBIT_DEG, PAN_DEG, TILT_DEG, MOVE, ZOOM = 30.0, 20.0, 10.0, 0.5 * SUBJECT_DIST, 1.5
 ORBIT_PIVOT = SUBJECT_DIST  # orbits turn around the point the source camera looks at
 

@@ -1,11 +1,12 @@
 """
 Distill the bidirectional many-step teacher into a few-step block-causal student
-(DESIGN.md section 4): causal adaptation, then Self-Forcing rollouts with DMD and a critic.
+(DESIGN.md section 4): causal adaptation, then Self-Forcing rollouts regressed on the true target
+(optionally DMD with a critic, --dmd).
 
     python distill.py                                  # every stage, runs/teacher/ckpt.pt -> runs/student/ckpt.pt
     python distill.py --stage causal --teacher runs/tiny/ckpt.pt --out runs/tiny_student --causal_steps 50
     python distill.py --stage dmd --init runs/student/causal.pt      # one stage from a given start
-    python distill.py --minutes 60                     # time-boxed: causal 12 minutes, DMD the rest
+    python distill.py --minutes 60                     # time-boxed: causal 12 minutes, Self-Forcing the rest
     torchrun --standalone --nproc_per_node=8 distill.py               # several GPUs
 
 Stage `causal`: the student starts from the teacher's weights with the block-causal mask and is
@@ -15,8 +16,9 @@ Stage `dmd`: Self-Forcing. The student generates the target chunk by chunk from 
 (model.student_chunk) and one exit step per rollout keeps gradients. Two losses on the rollout:
 a reconstruction term against the true target (--recon, on by default: multi-view data has it)
 and DMD (--dmd, off by default), which compares the frozen teacher (real score) with a critic
-(fake score) trained online on the student's samples. The stage keeps its name: with --dmd 1 it
-is the DMD of the method; README, Distillation, has the measurements behind the defaults.
+(fake score) trained online on the student's samples. The stage keeps its name: --dmd 1 --recon 0
+is the method's plain DMD; README, Results ("Distillation: what DMD does at this scale"), has the
+measurements behind the defaults.
 """
 import copy
 import json
@@ -185,13 +187,14 @@ def critic_step(critic, opt_c, student, batch, steps, g, gs, clip, critic_t="flo
 
 def dmd_step(student, opt, teacher, critic, batch, steps, g, gs, clip, src_grad=False, recon=0.0, world=1,
              autocast=NO_AUTOCAST, dmd=1.0):
-    """The generator: a Self-Forcing rollout (one exit step shared by every chunk and rank, with
-    gradient; src_grad: through the chunk's source encoding too), noised to one DMD t a sample,
-    denoised by the frozen teacher (real) and the critic (fake); the DMD loss moves the rollout
-    toward the real denoising. recon > 0 adds recon * mse(rollout, ground truth): multi-view
-    data has the true target (DESIGN section 4), and the term keeps what the source shows where
-    the geometry puts it while DMD keeps the texture sharp. dmd = 0 drops the DMD term (no
-    teacher or critic call): Self-Forcing rollouts regressed on the truth alone."""
+    """The generator step: a Self-Forcing rollout (one exit step shared by every chunk and rank,
+    with gradient; src_grad: through the chunk's source encoding too) and two losses on it.
+    recon * mse(rollout, ground truth): multi-view data has the true target (DESIGN section 4),
+    and regressing the student's own rollouts on it teaches it to make the right frame from the
+    context it really has when streaming. dmd * DMD: the rollout noised to one t a sample,
+    denoised by the frozen teacher (real) and the critic (fake); the loss moves it toward the
+    real denoising (dmd = 0: no teacher or critic call). The function's defaults are the
+    method's plain DMD; distill.py's command line defaults to --dmd 0 --recon 1 (README, Results)."""
     src, tgt, cam_src, cam_tgt = batch
     (B, T), dev = src.shape[:2], src.device
     exit_step = int(torch.randint(steps, (1,), generator=gs))
@@ -244,7 +247,7 @@ def parse_args():
     # data and optimization
     p.add_argument("--data", type=str, default=None, help="on-disk multi-view dataset folder (default: the synthetic stream)")
     p.add_argument("--loopaug", type=float, default=0.0,
-                   help="share of DMD rollouts drawn from LoopAug loops, 0..1 (needs --data)")
+                   help="share of the Self-Forcing (dmd) stage's rollouts drawn from LoopAug loops, 0..1 (needs --data)")
     p.add_argument("--pairs", type=int, default=None, help="pairs a batch per process (default: 8 CPU, 32 CUDA)")
     p.add_argument("--max_pairs", type=int, default=None,
                    help="clip / rollout lengths drawn from 1..max_pairs (default: 6 causal, 12 dmd: rollouts three "
@@ -252,19 +255,19 @@ def parse_args():
     p.add_argument("--causal_steps", type=int, default=None,
                    help="causal-stage steps (default: per preset; with --minutes: no limit but the time)")
     p.add_argument("--dmd_steps", type=int, default=None,
-                   help="DMD generator steps (default: per preset; with --minutes: no limit but the time)")
+                   help="Self-Forcing (dmd) stage steps (default: per preset; with --minutes: no limit but the time)")
     p.add_argument("--minutes", type=float, default=None,
                    help="time-boxed run: the stages share this many minutes of wall-clock time (counted across "
                         "--resume); a stage whose time is up evaluates, saves and hands over to the next")
     p.add_argument("--causal_share", type=float, default=0.2,
-                   help="with --minutes and both stages: the causal stage's share of the time (DMD gets the rest)")
-    p.add_argument("--lr", type=float, default=5e-5, help="student learning rate (causal and DMD)")
+                   help="with --minutes and both stages: the causal stage's share of the time (the dmd stage gets the rest)")
+    p.add_argument("--lr", type=float, default=5e-5, help="student learning rate (both stages)")
     p.add_argument("--lr_critic", type=float, default=1e-4, help="critic learning rate")
     p.add_argument("--critic_steps", type=int, default=5, help="critic updates a generator update")
     p.add_argument("--critic_t", type=str, default="flow", choices=["flow", "dmd"],
                    help="research: the critic's training timesteps drawn as the flow loss's (flow) or as the DMD loss's (dmd)")
     p.add_argument("--src_grad", action="store_true",
-                   help="research: the DMD gradient also trains the source path (sources encoded with gradient at the exit step)")
+                   help="research: the rollout's gradient (reconstruction and/or DMD) also trains the source path (sources encoded with gradient at the exit step)")
     p.add_argument("--recon", type=float, default=1.0,
                    help="weight of the reconstruction term: mse of the Self-Forcing rollout against the true target")
     p.add_argument("--dmd", type=float, default=0.0,
@@ -332,7 +335,8 @@ def same_network(a, b):
 
 def build_stage(stage, ck, resume, scfg, tcfg, tweights, args, dev):
     """The stage's student (the start checkpoint's EMA weights, or resumed), its EMA and AdamW;
-    for DMD the critic, the fake score: a bidirectional copy of the teacher trained online.
+    for the dmd stage the critic, the fake score: a bidirectional copy of the teacher trained online
+    (built and saved whatever --dmd; updated and called only with --dmd > 0).
     On resume, optimizers, step and RNG state are restored. Returns (student, ema, opt, critic,
     opt_c, start step)."""
     student = RealCamDiT(scfg).to(dev)
@@ -440,7 +444,7 @@ def main():
 
     def budget(stage):
         """Seconds of wall-clock time this stage may use (--minutes): all of them for one stage;
-        with both, the causal stage its share and DMD the rest, what causal did not use included."""
+        with both, the causal stage its share and the dmd stage the rest, what causal did not use included."""
         total = 60 * args.minutes
         if len(stages) == 1:
             return total

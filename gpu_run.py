@@ -46,7 +46,7 @@ p.add_argument("--device", type=str, default="cuda", help="cuda or cuda:N (cpu w
 p.add_argument("--preset", type=str, default="base", help="model preset of bench, teacher and student")
 p.add_argument("--teacher_minutes", type=float, default=1.5, help="teacher training time (minutes)")
 p.add_argument("--causal_steps", type=int, default=100, help="distillation: causal-stage steps")
-p.add_argument("--dmd_steps", type=int, default=10, help="distillation: DMD generator steps")
+p.add_argument("--dmd_steps", type=int, default=10, help="distillation: Self-Forcing (dmd) stage steps, with DMD and reconstruction (the CUDA path of both)")
 p.add_argument("--dry_run", action="store_true",
                help="check the plumbing on the CPU: tiny preset, a few steps, one quick test (about a minute)")
 args = p.parse_args()
@@ -194,7 +194,7 @@ sdir, tckpt = os.path.join(work, "student"), os.path.join(tdir, "ckpt.pt")
 shutil.rmtree(sdir, ignore_errors=True)
 if os.path.isfile(tckpt):
     stage("student", ["distill.py", "--teacher", tckpt, "--out", sdir, "--causal_steps", args.causal_steps,
-                      "--dmd_steps", args.dmd_steps, "--critic_steps", 2, "--eval_every", 10 ** 6, "--save_every", 10 ** 6,
+                      "--dmd_steps", args.dmd_steps, "--dmd", 1, "--critic_steps", 2, "--eval_every", 10 ** 6, "--save_every", 10 ** 6,
                       "--device", dev, *sizes], 150)
     stage("eval teacher", ["eval.py", "--ckpt", tckpt, "--steps", 10, "--stream", 0, "--out",
                            os.path.join(work, "eval_teacher"), "--device", dev, *evals], 60)
@@ -205,7 +205,7 @@ if os.path.isfile(os.path.join(sdir, "ckpt.pt")):
 for who in ("teacher", "student"):
     js, png = eval_files(os.path.join(work, f"eval_{who}"))
     res = load_json(js)
-    summary["eval"][who] = res and [dict(steps=r.get("steps"), **{k: v for k, v in r.items() if k in ("mean", "gain")})
+    summary["eval"][who] = res and [dict(steps=r.get("steps"), **{k: v for k, v in r.items() if k in ("mean", "covis_gain", "static")})
                                     for r in res.get("runs", [])]
 
 # -----------------------------------------------------------------------------

@@ -10,7 +10,9 @@ Train the bidirectional teacher with rectified flow on interleaved (source, targ
 
 Loss (DESIGN section 3): x0 = target (minus source when cfg.residual), e ~ N(0, I), one t per
 clip drawn logit-normal/uniform and shifted toward noise, x_t = (1 - t) x0 + t e, and
-loss = || v_theta(x_t, t | source, cameras) - (e - x0) ||^2 over target tokens only.
+the velocity error over target tokens only: the network predicts x0 (cfg.pred = "x", the presets'
+recipe; loss = || x0_theta - x0 ||^2 / max(t, t_min)^2, the velocity error with t floored) or the
+velocity itself (cfg.pred = "v"; loss = || v_theta - (e - x0) ||^2).
 """
 import argparse
 import copy
