@@ -544,6 +544,7 @@ def main():
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     if ddp:
+        dist.barrier()            # every rank leaves together: rank 0 may still be copying the checkpoint
         dist.destroy_process_group()
 
 

@@ -303,4 +303,5 @@ if master:
           + (f", best held-out co-visible gain over copy {best:+.2f} dB" if best > -math.inf else ", no evaluation")
           + f" -> {ckpt_path}")
 if ddp:
+    dist.barrier()                # every rank leaves together: rank 0 may still be evaluating and saving
     dist.destroy_process_group()
