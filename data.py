@@ -314,107 +314,139 @@ def make_scene(seed, device="cpu"):
     return {k: v.to(device) for k, v in scene.items()}
 
 
+def stack_scenes(scenes):
+    """Scenes from make_scene -> one dict of tensors with a leading scene axis (S, ...)."""
+    return {k: torch.stack([sc[k] for sc in scenes]) for k in scenes[0]}
+
+# The ray caster works on S scenes at once: rays (S, R, 3) and times (S, R), scene tensors
+# (S, ...). Every clip of a training batch is one scene with the same number of rays, so a batch
+# is one pass of a few hundred tensor ops (a GPU renders it in milliseconds, where a loop over
+# clips launches that many kernels per clip). Per-ray picks of per-object values: _take.
+
+
+def _take(x, i):
+    """x (S, R, k, ...) per-ray values of k objects, i (S, R) object ids -> (S, R, ...)."""
+    idx = i.reshape(*i.shape, 1, *([1] * (x.ndim - 3))).expand(*i.shape, 1, *x.shape[3:])
+    return x.gather(2, idx).squeeze(2)
+
+
 def object_centers(scene, time):
-    """(R, n, 3) centres of all objects at per-ray times (R,)."""
-    swing = scene["amp"] * torch.sin(scene["omega"] * time[:, None] + scene["phase"])   # (R, n)
-    return scene["center"] + swing[..., None] * scene["vel_dir"]
+    """(S, R, n, 3) centres of all objects of S scenes at per-ray times (S, R)."""
+    swing = scene["amp"][:, None] * torch.sin(scene["omega"][:, None] * time[..., None] + scene["phase"][:, None])
+    return scene["center"][:, None] + swing[..., None] * scene["vel_dir"][:, None]
 
 
 def intersect(scene, o, d, time):
-    """Nearest hit along rays o, d (R, 3) at times (R,): distance (R,), object id (R,)
-    (N_SPH + N_BOX = ground, -1 = sky), normal (R, 3), hit point in object coordinates (R, 3)."""
-    R, inf = o.shape[0], torch.full((), float("inf"), device=o.device)
-    c = object_centers(scene, time)                                    # (R, n, 3)
+    """Nearest hit along rays o, d (S, R, 3) at times (S, R) in S scenes: distance (S, R),
+    object id (S, R) (N_SPH + N_BOX = ground, -1 = sky), normal (S, R, 3), hit point in object
+    coordinates (S, R, 3) and in the world (S, R, 3)."""
+    S, R = o.shape[:2]
+    inf = torch.full((), float("inf"), device=o.device)
+    c = object_centers(scene, time)                                    # (S, R, n, 3)
     # spheres: |o + s d - c|^2 = r^2
-    oc = o[:, None] - c[:, :N_SPH]
-    b = (oc * d[:, None]).sum(-1)
-    disc = b ** 2 - ((oc ** 2).sum(-1) - scene["radius"][:N_SPH] ** 2)
+    oc = o[:, :, None] - c[:, :, :N_SPH]
+    b = (oc * d[:, :, None]).sum(-1)
+    disc = b ** 2 - ((oc ** 2).sum(-1) - scene["radius"][:, None, :N_SPH] ** 2)
     s_sph = -b - disc.clamp(min=0).sqrt()
-    s_sph = torch.where((disc > 0) & (s_sph > 1e-4), s_sph, inf)      # (R, N_SPH)
+    s_sph = torch.where((disc > 0) & (s_sph > 1e-4), s_sph, inf)      # (S, R, N_SPH)
     # boxes: slab test in each box's frame (yawed about y)
-    yaw = scene["yaw"][N_SPH:]
-    cy, sy = torch.cos(yaw), torch.sin(yaw)
-    def to_box(v):  # rotate world vectors (R, nb, 3) into box frames
+    yaw = scene["yaw"][:, None, N_SPH:]                                # (S, 1, N_BOX)
+    cy, sy = torch.cos(yaw).expand(S, R, N_BOX), torch.sin(yaw).expand(S, R, N_BOX)
+    def to_box(v):  # rotate world vectors (S, R, nb, 3) into box frames
         return torch.stack([cy * v[..., 0] - sy * v[..., 2], v[..., 1], sy * v[..., 0] + cy * v[..., 2]], -1)
-    ob = to_box(o[:, None] - c[:, N_SPH:])
-    db = to_box(d[:, None].expand_as(ob))
+    ob = to_box(o[:, :, None] - c[:, :, N_SPH:])
+    db = to_box(d[:, :, None].expand_as(ob))
     db = torch.where(db.abs() < 1e-8, torch.full_like(db, 1e-8), db)
-    h = scene["half"][N_SPH:]
+    h = scene["half"][:, None, N_SPH:].expand(S, R, N_BOX, 3)
     t1, t2 = (-h - ob) / db, (h - ob) / db
     tnear, tfar = torch.minimum(t1, t2).amax(-1), torch.maximum(t1, t2).amin(-1)
-    s_box = torch.where((tnear < tfar) & (tnear > 1e-4), tnear, inf)  # (R, N_BOX)
+    s_box = torch.where((tnear < tfar) & (tnear > 1e-4), tnear, inf)  # (S, R, N_BOX)
     # ground plane y = 0
-    s_gnd = torch.where(d[:, 1] < -1e-6, -o[:, 1] / d[:, 1].clamp(max=-1e-6), inf)[:, None]
-    s_all = torch.cat([s_sph, s_box, s_gnd], 1)                        # (R, n + 1)
-    s, idx = s_all.min(1)
+    s_gnd = torch.where(d[..., 1] < -1e-6, -o[..., 1] / d[..., 1].clamp(max=-1e-6), inf)[..., None]
+    s_all = torch.cat([s_sph, s_box, s_gnd], -1)                       # (S, R, n + 1)
+    s, idx = s_all.min(-1)
     hit = torch.isfinite(s)
     idx = torch.where(hit, idx, torch.full_like(idx, -1))
     # normals and object-space points
-    p = o + s.where(hit, torch.zeros_like(s))[:, None] * d
-    ar = torch.arange(R, device=o.device)
-    n_sph = F.normalize(p - c[ar, idx.clamp(0, N_SPH - 1)], dim=-1)
+    s0 = s.where(hit, torch.zeros_like(s))[..., None]
+    p = o + s0 * d
+    si = idx.clamp(0, N_SPH - 1)
+    n_sph = F.normalize(p - _take(c, si), dim=-1)
     bi = (idx - N_SPH).clamp(0, N_BOX - 1)
-    pb = ob[ar, bi] + s.where(hit, torch.zeros_like(s))[:, None] * db[ar, bi]       # box frame
-    face = (pb / h[bi]).abs().argmax(-1)
-    nb_local = F.one_hot(face, 3).float() * torch.sign(pb.gather(1, face[:, None]))
-    cyb, syb = cy[bi], sy[bi]   # back to world: inverse yaw
-    n_box = torch.stack([cyb * nb_local[:, 0] + syb * nb_local[:, 2], nb_local[:, 1],
-                         -syb * nb_local[:, 0] + cyb * nb_local[:, 2]], -1)
-    is_sph, is_box = idx < N_SPH, (idx >= N_SPH) & (idx < N_SPH + N_BOX)
-    normal = torch.where(is_sph[:, None], n_sph, torch.where(is_box[:, None], n_box, n_box.new_tensor([0.0, 1.0, 0.0])))
-    local = torch.where(is_sph[:, None], p - c[ar, idx.clamp(0, N_SPH - 1)], torch.where(is_box[:, None], pb, p))
+    pb = _take(ob, bi) + s0 * _take(db, bi)                            # box frame
+    face = (pb / _take(h, bi)).abs().argmax(-1)
+    nb_local = F.one_hot(face, 3).float() * torch.sign(pb.gather(-1, face[..., None]))
+    cyb, syb = _take(cy, bi), _take(sy, bi)   # back to world: inverse yaw
+    n_box = torch.stack([cyb * nb_local[..., 0] + syb * nb_local[..., 2], nb_local[..., 1],
+                         -syb * nb_local[..., 0] + cyb * nb_local[..., 2]], -1)
+    is_sph, is_box = (idx < N_SPH)[..., None], ((idx >= N_SPH) & (idx < N_SPH + N_BOX))[..., None]
+    normal = torch.where(is_sph, n_sph, torch.where(is_box, n_box, n_box.new_tensor([0.0, 1.0, 0.0])))
+    local = torch.where(is_sph, p - _take(c, si), torch.where(is_box, pb, p))
     return s, idx, normal, local, p
 
 
 def shade(scene, d, idx, normal, local, p, time):
-    """Lambertian colour in [0, 1] (R, 3) with solid textures, hard shadows and a sky gradient."""
+    """Lambertian colour in [0, 1] (S, R, 3) with solid textures, hard shadows and a sky gradient."""
+    S = d.shape[0]
     m = idx.clamp(min=0)
-    q = local * scene["freq"][m, None]
-    kind = scene["kind"][m]
+    sc = torch.arange(S, device=d.device)[:, None]                     # (S, 1): each ray's scene
+    freq = scene["freq"][sc, m]                                        # (S, R): the hit material's
+    q = local * freq[..., None]
+    kind = scene["kind"][sc, m]
     checker = (torch.floor(q).sum(-1) % 2)
-    stripes = (torch.floor(q[:, 1] + 0.5 * q[:, 0]) % 2)
-    rings = (torch.floor(local.norm(dim=-1) * scene["freq"][m] * 1.5) % 2)
-    pat = torch.where(kind == 0, checker, torch.where(kind == 1, stripes, rings))
-    col = scene["colors"][m, 0] * (1 - pat[:, None]) + scene["colors"][m, 1] * pat[:, None]
-    col = col * (0.85 + 0.15 * torch.sin(local * scene["wiggle"][m]).mean(-1, keepdim=True))
-    L = scene["light"]
-    lam = (normal @ L).clamp(min=0)
+    stripes = (torch.floor(q[..., 1] + 0.5 * q[..., 0]) % 2)
+    rings = (torch.floor(local.norm(dim=-1) * freq * 1.5) % 2)
+    pat = torch.where(kind == 0, checker, torch.where(kind == 1, stripes, rings))[..., None]
+    colors = scene["colors"][sc, m]                                    # (S, R, 2, 3)
+    col = colors[..., 0, :] * (1 - pat) + colors[..., 1, :] * pat
+    col = col * (0.85 + 0.15 * torch.sin(local * scene["wiggle"][sc, m]).mean(-1, keepdim=True))
+    L = scene["light"][:, None]                                        # (S, 1, 3)
+    lam = (normal * L).sum(-1).clamp(min=0)
     s_sh, *_ = intersect(scene, p + 1e-3 * normal, L.expand_as(p), time)  # shadow ray
     lit = 0.35 + 0.65 * lam * (~torch.isfinite(s_sh)).float()
-    col = col * lit[:, None]
+    col = col * lit[..., None]
     # sky: horizon -> zenith by elevation, plus a soft sun
-    el = d[:, 1].clamp(min=0) ** 0.6
-    sky = scene["sky"][0] * (1 - el[:, None]) + scene["sky"][1] * el[:, None]
-    sky = sky + 0.4 * ((d @ L).clamp(min=0) ** 64)[:, None]
-    fog = 1 - torch.exp(-p.norm(dim=-1).clamp(max=1e3) / 4.0)           # haze with distance from
-    col = col * (1 - fog[:, None]) + scene["sky"][0] * fog[:, None]    # the subject (view-independent)
-    return torch.where((idx >= 0)[:, None], col, sky).clamp(0, 1)
+    horizon, zenith = scene["sky"][:, None, 0], scene["sky"][:, None, 1]   # (S, 1, 3)
+    el = d[..., 1].clamp(min=0)[..., None] ** 0.6
+    sky = horizon * (1 - el) + zenith * el
+    sky = sky + 0.4 * ((d * L).sum(-1).clamp(min=0) ** 64)[..., None]
+    fog = 1 - torch.exp(-p.norm(dim=-1).clamp(max=1e3) / 4.0)[..., None]   # haze with distance from
+    col = col * (1 - fog) + horizon * fog                              # the subject (view-independent)
+    return torch.where((idx >= 0)[..., None], col, sky).clamp(0, 1)
 
 
 @torch.no_grad()
-def render(scene, c2w, K, time, H, W, ss=2, depth=True):
-    """Render N views: c2w (N, 4, 4), K (N, 4), time (N,) in seconds -> rgb (N, 3, H, W) in
-    [-1, 1] and z-depth (N, H, W) (inf for sky; None unless depth). ss x ss supersampling for
-    anti-aliasing."""
-    N = c2w.shape[0]
-    o, d = pixel_rays(c2w, K, H * ss, W * ss)                          # (N, Hs, Ws, 3)
-    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
-    tr = time.repeat_interleave(H * ss * W * ss)
+def render_scenes(scene, c2w, K, time, H, W, ss=2, depth=True):
+    """Render N views of each of S scenes (stack_scenes) in one pass: c2w (S, N, 4, 4), K (S, N, 4),
+    time (S, N) in seconds -> rgb (S, N, 3, H, W) in [-1, 1] and z-depth (S, N, H, W) (inf for
+    sky; None unless depth). ss x ss supersampling for anti-aliasing."""
+    S, N = c2w.shape[:2]
+    o, d = pixel_rays(c2w, K, H * ss, W * ss)                          # (S, N, Hs, Ws, 3)
+    o, d = o.reshape(S, -1, 3), d.reshape(S, -1, 3)
+    tr = time.repeat_interleave(H * ss * W * ss, dim=1)
     s, idx, normal, local, p = intersect(scene, o, d, tr)
     rgb = shade(scene, d, idx, normal, local, p, tr)
-    rgb = rgb.reshape(N, H * ss, W * ss, 3).permute(0, 3, 1, 2)
-    rgb = F.avg_pool2d(rgb, ss) if ss > 1 else rgb
+    rgb = rgb.reshape(S * N, H * ss, W * ss, 3).permute(0, 3, 1, 2)
+    rgb = (F.avg_pool2d(rgb, ss) if ss > 1 else rgb).reshape(S, N, 3, H, W)
     # z-depth along the ray through each pixel's centre (between the supersamples when ss is even)
     if not depth:
         return rgb * 2 - 1, None
     if ss % 2 == 0:
         o, d = pixel_rays(c2w, K, H, W)
-        o, d = o.reshape(-1, 3), d.reshape(-1, 3)
-        s, *_ = intersect(scene, o, d, time.repeat_interleave(H * W))
+        o, d = o.reshape(S, -1, 3), d.reshape(S, -1, 3)
+        s, *_ = intersect(scene, o, d, time.repeat_interleave(H * W, dim=1))
     else:
-        d, s = d.view(N, H, ss, W, ss, 3)[:, :, ss // 2, :, ss // 2].reshape(-1, 3), s.view(N, H, ss, W, ss)[:, :, ss // 2, :, ss // 2].reshape(-1)
-    fwd = c2w[:, None, :3, 2].expand(N, H * W, 3).reshape(-1, 3)
-    return rgb * 2 - 1, (s * (d * fwd).sum(-1)).reshape(N, H, W)
+        d = d.view(S, N, H, ss, W, ss, 3)[:, :, :, ss // 2, :, ss // 2].reshape(S, -1, 3)
+        s = s.view(S, N, H, ss, W, ss)[:, :, :, ss // 2, :, ss // 2].reshape(S, -1)
+    fwd = c2w[:, :, None, :3, 2].expand(S, N, H * W, 3).reshape(S, -1, 3)
+    return rgb * 2 - 1, (s * (d * fwd).sum(-1)).reshape(S, N, H, W)
+
+
+def render(scene, c2w, K, time, H, W, ss=2, depth=True):
+    """Render N views of one scene (make_scene): c2w (N, 4, 4), K (N, 4), time (N,) in seconds ->
+    rgb (N, 3, H, W) in [-1, 1] and z-depth (N, H, W) (inf for sky; None unless depth)."""
+    rgb, z = render_scenes(stack_scenes([scene]), c2w[None], K[None], time[None], H, W, ss, depth)
+    return rgb[0], None if z is None else z[0]
 
 # -----------------------------------------------------------------------------
 # the training stream: (source clip, target clip, relative pose, intrinsics)
@@ -446,13 +478,10 @@ def source_path(n, gen):
     return base @ rel
 
 
-def render_clip(seed, n, H, W, rel=None, zoom=None, src_c2w=None, t0=0.0, ss=2, gen=None, fx=1.0, frozen=False,
-                depth=True, device="cpu"):
-    """Render a synchronized (source, target) clip of n frames of scene `seed` (frozen: no
-    object moves). Returns a dict: src, tgt (n, 3, H, W), rel (n, 4, 4), K_src, K_tgt (n, 4),
-    and (if depth) depth_src, depth_tgt (n, H, W), all on `device` (the renderer runs there)."""
+def clip_spec(seed, n, rel=None, zoom=None, src_c2w=None, t0=0.0, gen=None, fx=1.0, frozen=False):
+    """What render_clip draws, before any ray is cast: the scene and both cameras of n frames."""
     gen = gen if gen is not None else torch.Generator().manual_seed(int(seed) + 1)
-    scene = make_scene(seed, device)
+    scene = make_scene(seed)
     if frozen:
         scene["amp"].zero_()
     src_c2w = src_c2w if src_c2w is not None else source_path(n, gen)
@@ -463,20 +492,49 @@ def render_clip(seed, n, H, W, rel=None, zoom=None, src_c2w=None, t0=0.0, ss=2, 
     K_tgt = K_src.clone()
     K_tgt[:, :2] *= zoom[:, None]
     time = t0 + torch.arange(n, dtype=torch.float32) / FPS
-    rgb, z = render(scene, torch.cat([src_c2w, src_c2w @ rel]).to(device), torch.cat([K_src, K_tgt]).to(device),
-                    torch.cat([time, time]).to(device), H, W, ss, depth)
-    clip = dict(src=rgb[:n], tgt=rgb[n:], rel=rel.to(device), K_src=K_src.to(device), K_tgt=K_tgt.to(device))
-    return clip if z is None else dict(clip, depth_src=z[:n], depth_tgt=z[n:])
+    return dict(scene=scene, c2w=torch.cat([src_c2w, src_c2w @ rel]), K=torch.cat([K_src, K_tgt]),
+                time=torch.cat([time, time]), rel=rel, K_src=K_src, K_tgt=K_tgt)
+
+
+RAYS_A_PASS = {"cpu": 2 ** 17, "cuda": 2 ** 22}   # primary rays a batched pass (peak memory about 0.7 KB a ray)
+
+
+def render_clips(specs, H, W, ss=2, depth=True, device="cpu"):
+    """Render clips of one length (clip_spec) on `device`, as many a pass as RAYS_A_PASS allows
+    (the same pixels as one at a time). Returns a list of dicts: src, tgt (n, 3, H, W), rel
+    (n, 4, 4), K_src, K_tgt (n, 4), and (if depth) depth_src, depth_tgt (n, H, W)."""
+    device = torch.device(device)
+    per = max(1, RAYS_A_PASS.get(device.type, 2 ** 20) // (specs[0]["c2w"].shape[0] * H * W * ss * ss))
+    out = []
+    for i in range(0, len(specs), per):
+        group = specs[i:i + per]
+        cat = lambda k: torch.stack([sp[k] for sp in group]).to(device)
+        scene = {k: v.to(device) for k, v in stack_scenes([sp["scene"] for sp in group]).items()}
+        rgb, z = render_scenes(scene, cat("c2w"), cat("K"), cat("time"), H, W, ss, depth)
+        for j, sp in enumerate(group):
+            n = sp["rel"].shape[0]
+            clip = dict(src=rgb[j, :n], tgt=rgb[j, n:], **{k: sp[k].to(device) for k in ("rel", "K_src", "K_tgt")})
+            out.append(clip if z is None else dict(clip, depth_src=z[j, :n], depth_tgt=z[j, n:]))
+    return out
+
+
+def render_clip(seed, n, H, W, rel=None, zoom=None, src_c2w=None, t0=0.0, ss=2, gen=None, fx=1.0, frozen=False,
+                depth=True, device="cpu"):
+    """Render a synchronized (source, target) clip of n frames of scene `seed` (frozen: no
+    object moves). Returns a dict: src, tgt (n, 3, H, W), rel (n, 4, 4), K_src, K_tgt (n, 4),
+    and (if depth) depth_src, depth_tgt (n, H, W), all on `device` (the renderer runs there)."""
+    spec = clip_spec(seed, n, rel, zoom, src_c2w, t0, gen, fx, frozen)
+    return render_clips([spec], H, W, ss, depth, device)[0]
 
 
 P_STATIC = 0.1   # share of training clips whose target camera is the source camera (an exact copy)
 
 
-def sample_clip(seed, n, H, W, ss=2, p_static=P_STATIC, device="cpu"):
-    """One training clip: random scene, random source motion, and a target path: the identity
-    (a share p_static of the clips: the model must return its input exactly), a preset family (random
-    magnitude, random window of a longer path) or a random smooth path.
-    Rendered on `device` (the training device: rendering on the CPU would starve a GPU)."""
+def sample_spec(seed, n, p_static=P_STATIC):
+    """One training clip, before rendering (clip_spec): random scene, random source motion, and a
+    target path: the identity (a share p_static of the clips: the model must return its input
+    exactly), a preset family (random magnitude, random window of a longer path) or a random
+    smooth path."""
     g = torch.Generator().manual_seed(int(seed))
     long = n + int(torch.randint(0, 16, (1,), generator=g))
     u = torch.rand(1, generator=g).item()
@@ -489,8 +547,12 @@ def sample_clip(seed, n, H, W, ss=2, p_static=P_STATIC, device="cpu"):
         rel, zoom = random_path(long, g)
     start = int(torch.randint(0, long - n + 1, (1,), generator=g))
     fx = 0.8 + 0.4 * torch.rand(1, generator=g).item()
-    return render_clip(seed, n, H, W, rel[start:start + n], zoom[start:start + n], ss=ss, gen=g,
-                       t0=start / FPS, fx=fx, depth=False, device=device)
+    return clip_spec(seed, n, rel[start:start + n], zoom[start:start + n], gen=g, t0=start / FPS, fx=fx)
+
+
+def sample_clip(seed, n, H, W, ss=2, p_static=P_STATIC, device="cpu"):
+    """One training clip (sample_spec), rendered on `device`."""
+    return render_clips([sample_spec(seed, n, p_static)], H, W, ss, depth=False, device=device)[0]
 
 
 def rng(*ints):
@@ -515,13 +577,14 @@ def synthetic_batch(step, pairs, max_pairs, H, W, seed=0, rank=0, p_static=P_STA
     """The batch of training step `step`: a pure function of (seed, step, rank), so resumed runs
     see exactly the data an uninterrupted run would. T pairs a clip (clip_length: shared by all
     ranks) and pairs // T clips, so every step carries about the same number of tokens.
-    Rendered on `device`."""
+    Rendered on `device` (the training device: rendering on the CPU would starve a GPU), all
+    clips in one batched pass."""
     g = rng(seed, step, rank)
     T = int(torch.randint(1, max_pairs + 1, (1,), generator=g))   # rank 0's draw is every rank's T
     T = clip_length(step, max_pairs, seed) if rank else T
     B = max(1, pairs // T)
     seeds = torch.randint(0, 2 ** 31 - 1, (B,), generator=g).tolist()   # training scenes < 2**31
-    return collate([sample_clip(s, T, H, W, p_static=p_static, device=device) for s in seeds])
+    return collate(render_clips([sample_spec(s, T, p_static) for s in seeds], H, W, depth=False, device=device))
 
 # -----------------------------------------------------------------------------
 # video I/O (PyAV through imageio): frame-by-frame, centre-crop + resize

@@ -435,7 +435,7 @@ def main():
         elif dataset:
             b = dataset.batch(step, args.pairs, mp, args.seed, rank)
         else:
-            b = data.synthetic_batch(step, args.pairs, mp, scfg.size, scfg.size, args.seed + 1, rank)
+            b = data.synthetic_batch(step, args.pairs, mp, scfg.size, scfg.size, args.seed + 1, rank, device=dev)
         cam_src, cam_tgt = data.pair_rays(b["rel"], b["K_src"], b["K_tgt"], scfg.size, scfg.size)
         return [x.to(dev) for x in (b["src"], b["tgt"], cam_src, cam_tgt)]
 

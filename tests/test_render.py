@@ -72,3 +72,16 @@ def test_batches_render_on_the_training_device(device):
     assert all(torch.allclose(a[k].cpu(), b[k]) for k in ("rel", "K_src", "K_tgt"))
     # the same images (on a GPU up to rounding, which can flip a pixel on an edge)
     assert (a["src"].cpu() - b["src"]).abs().mean() < 1e-3 and (a["tgt"].cpu() - b["tgt"]).abs().mean() < 1e-3
+
+
+def test_batched_rendering_equals_one_clip_at_a_time(monkeypatch):
+    """render_clips casts the rays of many clips in one pass (what keeps a GPU fed); the pixels
+    and depths are those of rendering each clip alone, whatever the pass size."""
+    specs = [data.sample_spec(seed, 3) for seed in (4, 8, 15, 16, 23)]
+    alone = [data.render_clips([sp], 12, 12, ss=2)[0] for sp in specs]
+    for rays in (2 ** 20, 3 * 2 * 3 * 12 * 12 * 4):                     # all in one pass; two clips a pass
+        monkeypatch.setitem(data.RAYS_A_PASS, "cpu", rays)
+        together = data.render_clips(specs, 12, 12, ss=2)
+        for a, b in zip(alone, together):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(alone[0]["tgt"], alone[1]["tgt"])            # different scenes, different pixels
