@@ -1,22 +1,25 @@
 """
-The prepared GPU run: one command that checks a bare single-GPU machine and runs the project's
-CUDA path end to end in under 9 minutes, with no network.
+The prepared GPU run: one command that checks a bare single-GPU machine, trains the shipped
+recipe at the shipped size with a GPU's compute, and runs the rest of the CUDA path, in under
+9 minutes with no network.
 
-    python gpu_run.py                    # -> runs/gpu/: gpu_run.log, summary.json, bench.json, a few PNG/mp4
+    python gpu_run.py                    # -> runs/gpu/: gpu_run.log, summary.json, eval and bench JSON, release files
     python gpu_run.py --dry_run          # the same stages on the CPU with the tiny preset (about a minute)
 
 Stages, each with a time limit inside the budget; the run goes on past a failed stage where it
 can and reports every stage in summary.json:
-  1. env      Python, torch, CUDA, the GPU and its memory, the packages, a timed bf16 matmul
-  2. tests    the CUDA-capable tests: pytest --device cuda (CUDA graphs and sync checks included)
-  3. bench    bench.py on the preset (random weights): student at 1/2/4 steps with CUDA graphs,
-              teacher, long stream, training step with MFU, data rendered on the GPU
-  4. teacher  teacher.py --minutes M (blocks compiled; rerun eager if compilation fails)
-  5. student  distill.py from that teacher: fixed numbers of causal and Self-Forcing steps
-  6. eval     eval.py on the teacher and on the student
-Into --out go at most 8 files (16 MiB each at most): gpu_run.log (every stage's output),
-summary.json, bench.json, teacher_sample.png/.mp4, teacher_eval.png, student_eval.png.
-Checkpoints and everything else stay in --work.
+  1. env           Python, torch, CUDA, the GPU and its memory, the packages, a timed bf16 matmul
+  2. teacher       teacher.py --preset small --minutes M (blocks compiled; rerun eager if compiling fails)
+  3. eval teacher  eval.py at 1 and 50 steps: the co-visible gain, to set beside the CPU-trained teacher's
+  4. causal        distill.py --stage causal for a share of --student_minutes
+  5. self-forcing  distill.py --stage dmd (reconstruction, LoopAug from --data when given) for the rest
+  6. eval student  eval.py with the long orbit stream and the loops
+  7. bench         bench.py on --bench_preset (random weights): student steps with CUDA graphs, teacher,
+                   long stream, training step with MFU
+  8. tests         the CUDA-capable tests (pytest --device cuda), in the time left
+Into --out go at most 8 files (16 MiB each at most), each as soon as its stage ends: gpu_run.log,
+summary.json, teacher.pt and student.pt (float16 release files), teacher_eval.json,
+student_eval.json, student_eval.png, bench.json. Checkpoints and everything else stay in --work.
 """
 import argparse
 import importlib.metadata
@@ -43,17 +46,25 @@ p.add_argument("--out", type=str, default="runs/gpu", help="output folder: the f
 p.add_argument("--work", type=str, default="runs/gpu_work", help="working folder: checkpoints, full logs")
 p.add_argument("--budget", type=float, default=9.0, help="wall-clock budget of the whole run (minutes)")
 p.add_argument("--device", type=str, default="cuda", help="cuda or cuda:N (cpu with --dry_run)")
-p.add_argument("--preset", type=str, default="base", help="model preset of bench, teacher and student")
-p.add_argument("--teacher_minutes", type=float, default=1.5, help="teacher training time (minutes)")
-p.add_argument("--causal_steps", type=int, default=100, help="distillation: causal-stage steps")
-p.add_argument("--dmd_steps", type=int, default=10, help="distillation: Self-Forcing (dmd) stage steps, with DMD and reconstruction (the CUDA path of both)")
+p.add_argument("--preset", type=str, default="small",
+               help="model preset of the teacher and the student (small: the shipped files' size, so their figures "
+                    "compare with the CPU-trained ones)")
+p.add_argument("--bench_preset", type=str, default="base", help="model preset of the speed benchmark (random weights)")
+p.add_argument("--teacher_minutes", type=float, default=2.5, help="teacher training time (minutes)")
+p.add_argument("--pairs", type=int, default=128, help="teacher: (source, target) pairs a batch")
+p.add_argument("--student_minutes", type=float, default=2.0,
+               help="distillation time (minutes): 30%% causal stage, 70%% Self-Forcing with reconstruction")
+p.add_argument("--data", type=str, default="data/mv",
+               help="multi-view dataset for the Self-Forcing stage, with LoopAug on half its rollouts (synthetic "
+                    "stream if the folder is missing)")
 p.add_argument("--dry_run", action="store_true",
                help="check the plumbing on the CPU: tiny preset, a few steps, one quick test (about a minute)")
 args = p.parse_args()
 if args.dry_run:
-    args.device, args.preset, args.teacher_minutes, args.causal_steps, args.dmd_steps = "cpu", "tiny", 0.05, 2, 1
-if args.budget <= 0 or args.teacher_minutes <= 0 or args.causal_steps < 1 or args.dmd_steps < 1:
-    raise SystemExit("error: --budget and --teacher_minutes must be positive, --causal_steps and --dmd_steps at least 1")
+    args.device, args.preset, args.bench_preset, args.teacher_minutes, args.pairs, args.student_minutes = \
+        "cpu", "tiny", "tiny", 0.05, 8, 0.1
+if args.budget <= 0 or args.teacher_minutes <= 0 or args.student_minutes <= 0 or args.pairs < 1:
+    raise SystemExit("error: --budget, --teacher_minutes and --student_minutes must be positive, --pairs at least 1")
 if not args.dry_run and not args.device.startswith("cuda"):
     raise SystemExit(f"error: --device {args.device}: the GPU run needs cuda or cuda:N (the CPU check is --dry_run)")
 
@@ -162,62 +173,91 @@ if missing or (not args.dry_run and not summary["env"].get("cuda_available")):
     raise SystemExit(f"error: {why} (see {log_path})")
 
 # -----------------------------------------------------------------------------
-# 2-6. tests, bench, teacher, student, eval
+# 2-8. teacher, student, their evaluations, bench, tests
+
+import model                                             # torch is there: the environment check passed
 
 dev, work = args.device, args.work
 if args.dry_run:
-    tests = ["-m", "pytest", "-q", "tests/test_attention.py", "-k", "flops_count", "-p", "no:cacheprovider"]
+    evals = ["--clips", 1, "--frames", 3, "--families", "orbit,static"]
+    stream = ["--stream", 1, "--stream_frames", 6, "--loops", 1, "--loop_length", 3]
     bench = ["--frames", 4, "--long", 60, "--teacher_steps", 3, "--train_pairs", 4]
-    sizes = ["--pairs", 4, "--max_pairs", 2]
-    evals = ["--clips", 1, "--frames", 3, "--families", "orbit,pan"]
+    tests = ["-m", "pytest", "-q", "tests/test_attention.py", "-k", "flops_count", "-p", "no:cacheprovider"]
 else:
+    evals, stream = [], ["--loops", 4]                    # eval.py's defaults: the figures the README quotes
+    bench = ["--frames", 32, "--long", 1000, "--teacher_steps", 50]
     tests = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10", "--device", dev,
              "tests/test_attention.py", "tests/test_render.py", "tests/test_teacher.py", "tests/test_bench.py",
              "tests/test_train.py"]
-    bench = ["--frames", 32, "--long", 1000, "--teacher_steps", 50]
-    sizes = ["--pairs", 16, "--max_pairs", 3]
-    evals = ["--clips", 2, "--frames", 8]
-stage("tests", tests, 150)
-stage("bench", ["bench.py", "--ckpt", "", "--preset", args.preset, "--device", dev, "--out", os.path.join(work, "bench"),
-                "--no-compile", *bench], 150)
-summary["bench"] = load_json(os.path.join(work, "bench", "bench.json"))
+summary["eval"] = {}
+
+
+def bring_back(name, src):
+    """Copy one finished file into --out (at most 8 there, under 16 MiB each)."""
+    if os.path.isfile(src) and os.path.getsize(src) < 16 * 2 ** 20:
+        shutil.copyfile(src, os.path.join(args.out, name))
+
+
+def evaluate(who, ckpt, extra):
+    out = os.path.join(work, f"eval_{who}")
+    stage(f"eval {who}", ["eval.py", "--ckpt", ckpt, "--out", out, "--device", dev, *evals, *extra], 120)
+    js, png = eval_files(out)
+    res = load_json(js)
+    summary["eval"][who] = res and dict(runs=[dict(steps=r.get("steps"), **{k: v for k, v in r.items() if k in ("mean", "covis_gain", "static")})
+                                              for r in res.get("runs", [])], stream=res.get("stream"), loops=res.get("loops"))
+    bring_back(f"{who}_eval.json", js)
+    if who == "student":
+        bring_back("student_eval.png", png)
+    write_summary()
+
+
+def release(who, ckpt):
+    """The float16 release file of a checkpoint (model.export), brought back."""
+    if os.path.isfile(ckpt):
+        path = os.path.join(work, f"{who}.pt")
+        model.export(ckpt, path)
+        bring_back(f"{who}.pt", path)
+
+
 tdir = os.path.join(work, "teacher")
 shutil.rmtree(tdir, ignore_errors=True)
-teacher = ["teacher.py", "--preset", args.preset, "--out", tdir, "--minutes", args.teacher_minutes,   # evaluated
-           "--eval_every", 10 ** 6, "--eval_steps", 10, "--save_every", 10 ** 6, "--device", dev]     # at the end only
+teacher = ["teacher.py", "--preset", args.preset, "--pairs", args.pairs, "--out", tdir, "--minutes", args.teacher_minutes,
+           "--eval_every", 10 ** 6, "--eval_steps", 10, "--save_every", 10 ** 6, "--device", dev]  # evaluated at the end only
 rec = stage("teacher", teacher, 60 * args.teacher_minutes + 150)
 if rec["status"] == "failed" and args.device.startswith("cuda"):           # e.g. no compiler for torch.compile
     shutil.rmtree(tdir, ignore_errors=True)
     rec = stage("teacher (eager)", teacher + ["--no-compile"], 60 * args.teacher_minutes + 90)
 summary["teacher"] = load_json(os.path.join(tdir, "summary.json"))
-sdir, tckpt = os.path.join(work, "student"), os.path.join(tdir, "ckpt.pt")
-shutil.rmtree(sdir, ignore_errors=True)
+tckpt = os.path.join(tdir, "ckpt.pt")
+release("teacher", tckpt)
 if os.path.isfile(tckpt):
-    stage("student", ["distill.py", "--teacher", tckpt, "--out", sdir, "--causal_steps", args.causal_steps,
-                      "--dmd_steps", args.dmd_steps, "--dmd", 1, "--critic_steps", 2, "--eval_every", 10 ** 6, "--save_every", 10 ** 6,
-                      "--device", dev, *sizes], 150)
-    stage("eval teacher", ["eval.py", "--ckpt", tckpt, "--steps", 10, "--stream", 0, "--out",
-                           os.path.join(work, "eval_teacher"), "--device", dev, *evals], 60)
-summary["eval"] = {}
-if os.path.isfile(os.path.join(sdir, "ckpt.pt")):
-    stage("eval student", ["eval.py", "--ckpt", os.path.join(sdir, "ckpt.pt"), "--steps", "1,4", "--stream", 0, "--out",
-                           os.path.join(work, "eval_student"), "--device", dev, *evals], 60)
-for who in ("teacher", "student"):
-    js, png = eval_files(os.path.join(work, f"eval_{who}"))
-    res = load_json(js)
-    summary["eval"][who] = res and [dict(steps=r.get("steps"), **{k: v for k, v in r.items() if k in ("mean", "covis_gain", "static")})
-                                    for r in res.get("runs", [])]
+    evaluate("teacher", tckpt, ["--steps", "1,50"])
+sdir = os.path.join(work, "student")
+shutil.rmtree(sdir, ignore_errors=True)
+data_dir = os.path.join(ROOT, args.data)
+sf_data = ["--data", data_dir, "--loopaug", 0.5] if os.path.isdir(data_dir) else []
+summary["student_data"] = data_dir if sf_data else "synthetic stream (no --data folder)"
+if os.path.isfile(tckpt):
+    common = ["--teacher", tckpt, "--out", sdir, "--eval_every", 10 ** 6, "--save_every", 10 ** 6, "--device", dev]
+    stage("causal", ["distill.py", "--stage", "causal", "--minutes", round(0.3 * args.student_minutes, 3), *common],
+          18 * args.student_minutes + 90)
+    if os.path.isfile(os.path.join(sdir, "causal.pt")):
+        stage("self-forcing", ["distill.py", "--stage", "dmd", "--minutes", round(0.7 * args.student_minutes, 3), *sf_data, *common],
+              42 * args.student_minutes + 90)
+summary["student"] = load_json(os.path.join(sdir, "summary.json"))
+sckpt = os.path.join(sdir, "ckpt.pt")
+release("student", sckpt)
+if os.path.isfile(sckpt):
+    evaluate("student", sckpt, stream)
+stage("bench", ["bench.py", "--ckpt", "", "--preset", args.bench_preset, "--device", dev, "--out", os.path.join(work, "bench"),
+                "--no-compile", *bench], 120)
+summary["bench"] = load_json(os.path.join(work, "bench", "bench.json"))
+bring_back("bench.json", os.path.join(work, "bench", "bench.json"))
+stage("tests", tests, 300)
 
 # -----------------------------------------------------------------------------
-# the files to bring back: at most 8, 16 MiB each
+# the end: the summary and the log (at most 16 MiB)
 
-copies = {"bench.json": os.path.join(work, "bench", "bench.json"), "teacher_sample.png": os.path.join(tdir, "sample.png"),
-          "teacher_sample.mp4": os.path.join(tdir, "sample.mp4"),
-          "teacher_eval.png": eval_files(os.path.join(work, "eval_teacher"))[1],
-          "student_eval.png": eval_files(os.path.join(work, "eval_student"))[1]}
-for name, src in copies.items():
-    if os.path.isfile(src) and os.path.getsize(src) < 16 * 2 ** 20:
-        shutil.copyfile(src, os.path.join(args.out, name))
 failed = [s["name"] for s in summary["stages"] if s["status"] != "ok"]
 summary["failed"] = failed
 write_summary()

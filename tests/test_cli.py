@@ -82,7 +82,7 @@ CASES = [
     ("data.py", "--scenes 0", "--scenes must be at least 1"),
     ("data.py", "--size 17", "--size must be even"),
     ("gpu_run.py", "--device cpu --out {d}/gpu", "the GPU run needs cuda or cuda:N"),
-    ("gpu_run.py", "--budget 0 --dry_run --out {d}/gpu", "--budget and --teacher_minutes must be positive"),
+    ("gpu_run.py", "--budget 0 --dry_run --out {d}/gpu", "--budget, --teacher_minutes and --student_minutes must be positive"),
     ("gpu_run.py", "--budget x", "argument --budget: invalid float value"),
 ]
 

@@ -28,7 +28,10 @@ def test_time_boxed_run_saves_evaluates_and_stops(script, tmp_path, device):
     assert os.path.isfile(os.path.join(out, "sample.png")) and os.path.isfile(os.path.join(out, "sample.mp4"))
     log = [line.split(" | ") for line in open(os.path.join(out, "log.txt"))]
     lr = [float(f[3].split()[1]) for f in log]
-    assert len(lr) == steps and lr[2] > 2.5e-4 and lr[-1] < 1e-4            # cosine over the time: 3e-4 -> 3e-5
+    # cosine over the wall-clock time, 3e-4 -> 3e-5: non-increasing after the warmup, near its floor at
+    # the end (a schedule over --max_steps would still be at 3e-4); no figure at a fixed step, which a
+    # slow first step (CUDA start-up) moves
+    assert len(lr) == steps and lr[-1] < 1e-4 and all(a >= b for a, b in zip(lr[2:], lr[3:]))
     assert all("data" in f[5] and "step" in f[6] for f in log)               # data timed apart from the step
 
 
