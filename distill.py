@@ -335,24 +335,26 @@ def same_network(a, b):
 
 def build_stage(stage, ck, resume, scfg, tcfg, tweights, args, dev):
     """The stage's student (the start checkpoint's EMA weights, or resumed), its EMA and AdamW;
-    for the dmd stage the critic, the fake score: a bidirectional copy of the teacher trained online
-    (built and saved whatever --dmd; updated and called only with --dmd > 0).
-    On resume, optimizers, step and RNG state are restored. Returns (student, ema, opt, critic,
+    with --dmd > 0 in the dmd stage, the critic, the fake score: a bidirectional copy of the
+    teacher trained online (None otherwise: nothing built, broadcast or saved). On resume,
+    optimizers, step and RNG state are restored; a critic the checkpoint lacks (a run resumed
+    with --dmd after one without) starts from the teacher. Returns (student, ema, opt, critic,
     opt_c, start step)."""
     student = RealCamDiT(scfg).to(dev)
     student.load_state_dict(ck["model"] if resume else (ck.get("ema") or ck["model"]))
     ema = copy.deepcopy(student).requires_grad_(False).eval()
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.0 if stage == "dmd" else 0.9, 0.99), weight_decay=0.0)
     critic = opt_c = None
-    if stage == "dmd":
+    critic_saved = resume and "critic" in ck
+    if stage == "dmd" and args.dmd > 0:
         critic = RealCamDiT(tcfg).to(dev)
-        critic.load_state_dict(ck["critic"] if resume else tweights)
+        critic.load_state_dict(ck["critic"] if critic_saved else tweights)
         opt_c = torch.optim.AdamW(critic.parameters(), lr=args.lr_critic, betas=(0.0, 0.99), weight_decay=0.0)
     if not resume:
         return student, ema, opt, critic, opt_c, 0
     ema.load_state_dict(ck["ema"])
     opt.load_state_dict(ck["optim"])
-    if critic is not None:
+    if critic is not None and critic_saved:
         opt_c.load_state_dict(ck["optim_critic"])
     torch.set_rng_state(ck["rng"]["cpu"])
     if dev.startswith("cuda") and "cuda" in ck["rng"]:

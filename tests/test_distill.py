@@ -219,6 +219,25 @@ def test_research_switches_through_distill(script, tmp_path):
     assert not torch.equal(a["critic"]["out.weight"], b["critic"]["out.weight"])
 
 
+def test_critic_only_where_dmd_runs(script, tmp_path):
+    """--dmd 0 (the default) builds no critic: the stage's checkpoint holds none. Resumed with
+    --dmd 1 and more steps, the stage builds one from the teacher, trains it and saves it."""
+    teacher, init = random_model(TINY, 1), random_model(replace(TINY, window=2), 0)
+    tpath, spath, out = str(tmp_path / "teacher.pt"), str(tmp_path / "causal.pt"), tmp_path / "s"
+    save_checkpoint(tpath, model=teacher.state_dict(), ema=teacher.state_dict(), config=asdict(TINY), step=0)
+    save_checkpoint(spath, model=init.state_dict(), ema=init.state_dict(), config=asdict(replace(TINY, window=2)), step=1,
+                    student=dict(steps=4, stage="causal"))
+    common = ["--stage", "dmd", "--teacher", tpath, "--init", spath, "--out", out, "--critic_steps", 1, "--pairs", 2,
+              "--max_pairs", 2, "--eval_every", 0]
+    script("distill.py", *common, "--dmd_steps", 1)
+    ck = torch.load(str(out / "dmd.pt"), weights_only=True)
+    assert ck["step"] == 1 and "critic" not in ck and "optim_critic" not in ck
+    script("distill.py", *common, "--dmd_steps", 2, "--dmd", 1, "--resume")
+    ck = torch.load(str(out / "dmd.pt"), weights_only=True)
+    assert ck["step"] == 2 and "optim_critic" in ck
+    assert not torch.equal(ck["critic"]["out.weight"], teacher.state_dict()["out.weight"])     # trained from the teacher
+
+
 def test_distill_from_the_shipped_teacher(script, tmp_path):
     """README: `distill.py --teacher checkpoints/teacher_small.pt` (a float16 release file) runs
     both stages."""
