@@ -9,7 +9,8 @@ recipe at the shipped size with a GPU's compute, and runs the rest of the CUDA p
 Stages, each with a time limit inside the budget; the run goes on past a failed stage where it
 can and reports every stage in summary.json:
   1. env           Python, torch, CUDA, the GPU and its memory, the packages, a timed bf16 matmul
-  2. teacher       teacher.py --preset small --minutes M (blocks compiled; rerun eager if compiling fails)
+  2. teacher       teacher.py --preset small --minutes M (blocks compiled; rerun eager if compiling fails),
+                   evaluated every 500 steps: its learning curve goes into summary.json
   3. eval teacher  eval.py at 1 and 50 steps: the co-visible gain, to set beside the CPU-trained teacher's
   4. causal        distill.py --stage causal for a share of --student_minutes
   5. self-forcing  distill.py --stage dmd (reconstruction, LoopAug from --data when given) for the rest
@@ -222,12 +223,19 @@ def release(who, ckpt):
 tdir = os.path.join(work, "teacher")
 shutil.rmtree(tdir, ignore_errors=True)
 teacher = ["teacher.py", "--preset", args.preset, "--pairs", args.pairs, "--out", tdir, "--minutes", args.teacher_minutes,
-           "--eval_every", 10 ** 6, "--eval_steps", 10, "--save_every", 10 ** 6, "--device", dev]  # evaluated at the end only
+           "--eval_every", 5 if args.dry_run else 500, "--eval_steps", 10, "--save_every", 10 ** 6, "--device", dev]
 rec = stage("teacher", teacher, 60 * args.teacher_minutes + 150)
 if rec["status"] == "failed" and args.device.startswith("cuda"):           # e.g. no compiler for torch.compile
     shutil.rmtree(tdir, ignore_errors=True)
     rec = stage("teacher (eager)", teacher + ["--no-compile"], 60 * args.teacher_minutes + 90)
 summary["teacher"] = load_json(os.path.join(tdir, "summary.json"))
+try:                                     # the learning curve, to set beside the CPU teacher's (README, Results)
+    with open(os.path.join(tdir, "evals.jsonl")) as f:
+        summary["teacher_curve"] = [dict(step=e["step"], wall_min=round(e["wall_min"], 2), gain_1step=e["mean"]["gain"],
+                                         gain_10steps=e["sample"]["gain"], static_1step=e["mean"]["static"])
+                                    for e in map(json.loads, f)]
+except (OSError, ValueError, KeyError):
+    summary["teacher_curve"] = None
 tckpt = os.path.join(tdir, "ckpt.pt")
 release("teacher", tckpt)
 if os.path.isfile(tckpt):

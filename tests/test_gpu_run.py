@@ -23,6 +23,8 @@ def test_gpu_run_dry_run(script, tmp_path):
     assert all(st["status"] == "ok" for st in s["stages"]) and s["failed"] == [] and s["wall_s"] < 540
     assert s["env"]["torch"] and s["bench"]["rows"] and s["teacher"]["steps"] > 0
     assert [e["steps"] for e in s["eval"]["teacher"]["runs"]] == [1, 50]
+    curve = s["teacher_curve"]                                           # every 5 steps in the dry run, and the end
+    assert curve and curve[-1]["step"] == s["teacher"]["steps"] and all("gain_1step" in e for e in curve)
     assert [e["steps"] for e in s["eval"]["student"]["runs"]] == [1, 2, 4]
     assert s["eval"]["student"]["stream"]["third3"] and s["eval"]["student"]["loops"]
     assert s["student_data"] == str(mv) and "--loopaug 0.5" in s["stages"][3]["cmd"]
