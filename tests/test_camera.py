@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 
@@ -189,3 +190,19 @@ def test_occluder_hides_what_it_should():
     inner = torch.nn.functional.max_pool2d((~blocked).float()[None, None], 3, 1, 1)[0, 0] == 0    # 1 px in
     assert inner.sum() > 50 and not mask[inner].any()
     assert mask[(z < 1.5)].all()                                        # the occluder itself is seen by both
+
+
+def test_detail_ratio_sees_blur_and_grain():
+    """eval.detail: 1 for the truth itself, well below 1 for a blurred copy (which PSNR can still
+    prefer to a sharp wrong one), above 1 with added grain; by frame, it follows where the blur is."""
+    from eval import detail, detail_by_frame, psnr
+    y = data.render_clip(5, 4, 32, 32)["tgt"][None]                                # (1, 4, 3, 32, 32)
+    blur = F.interpolate(F.avg_pool2d(y[0], 4), scale_factor=4, mode="bilinear")[None]
+    grain = y + 0.2 * torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+    assert detail(y, y).item() == pytest.approx(1.0)
+    assert detail(blur, y).item() < 0.3 and detail(grain, y).item() > 1.5
+    shifted = y.roll(3, -1)                                                       # sharp, in the wrong place
+    assert psnr(blur, y) > psnr(shifted, y) and detail(shifted, y).item() > 0.8
+    mixed = torch.cat([y[:, :2], blur[:, 2:]], 1)
+    d = detail_by_frame(mixed, y)
+    assert d.shape == (4,) and d[:2].min() > 0.99 and d[2:].max() < 0.3
