@@ -204,7 +204,8 @@ def evaluate(who, ckpt, extra):
     stage(f"eval {who}", ["eval.py", "--ckpt", ckpt, "--out", out, "--device", dev, *evals, *extra], 120)
     js, png = eval_files(out)
     res = load_json(js)
-    summary["eval"][who] = res and dict(runs=[dict(steps=r.get("steps"), **{k: v for k, v in r.items() if k in ("mean", "covis_gain", "static")})
+    keep = ("mean", "covis_gain", "static", "detail_by_frame")
+    summary["eval"][who] = res and dict(runs=[dict(steps=r.get("steps"), **{k: v for k, v in r.items() if k in keep})
                                               for r in res.get("runs", [])], stream=res.get("stream"), loops=res.get("loops"))
     bring_back(f"{who}_eval.json", js)
     if who == "student":
