@@ -159,21 +159,22 @@ def flicker(x, y):
     return 100 * ((dx - dy) / 2).abs().flatten(1).mean(1)
 
 
-def detail(x, y):
-    """Per-clip detail ratio (B,): high-frequency energy (squared 3x3 Laplacian over every frame,
-    channel and pixel) of x over that of the truth y. 1: as much fine detail as the truth (a copy
-    of the source is near 1); below 1: blur; above 1: grain. PSNR rewards a blurred average where
-    the model is unsure; this figure shows it."""
+def _fine_energy(x):
+    """(B, T) high-frequency energy: the squared 3x3 Laplacian summed over each frame's channels
+    and pixels."""
     B, T, C, H, W = x.shape
     k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None].to(x)
-    hf = lambda z: F.conv2d(z.reshape(B * T * C, 1, H, W), k).square().reshape(B, -1).sum(1)
-    return hf(x) / hf(y).clamp(min=1e-12)
+    return F.conv2d(x.reshape(B * T * C, 1, H, W), k).square().reshape(B, T, -1).sum(-1)
 
 
-def detail_by_frame(x, y):
-    """Detail ratio of frame t (T,), pooled over clips: how the detail holds as a path moves away."""
-    return torch.stack([detail(x[:, t:t + 1].transpose(0, 1), y[:, t:t + 1].transpose(0, 1))[0]
-                        for t in range(x.shape[1])])
+def detail(x, y, by_frame=False):
+    """Detail ratio: the fine-detail energy (_fine_energy) of x over that of the truth y, per clip
+    (B,), or with by_frame per frame index pooled over clips (T,): how the detail holds as a path
+    moves away. 1: as much fine detail as the truth (a copy of the source is near 1); below 1:
+    blur; above 1: grain. PSNR rewards a blurred average where the model is unsure; this shows it."""
+    ex, ey = _fine_energy(x), _fine_energy(y)
+    dim = 0 if by_frame else 1
+    return ex.sum(dim) / ey.sum(dim).clamp(min=1e-12)
 
 
 def rays(batch, size, device):
@@ -300,7 +301,7 @@ if __name__ == "__main__":
                              detail=detail(x, y).mean().item(), detail_copy=detail(s, y).mean().item(),
                              ms_per_frame=1000 * dt / x.shape[0] / x.shape[1])
             if fam != "static":
-                by_frame.append(detail_by_frame(x, y))
+                by_frame.append(detail(x, y, by_frame=True))
             if steps == steps_list[-1]:
                 strip.append((s[:1], x[:1], y[:1]))
         moving = [r for f, r in rows.items() if f != "static"] or list(rows.values())  # static: copy is exact

@@ -195,7 +195,7 @@ def test_occluder_hides_what_it_should():
 def test_detail_ratio_sees_blur_and_grain():
     """eval.detail: 1 for the truth itself, well below 1 for a blurred copy (which PSNR can still
     prefer to a sharp wrong one), above 1 with added grain; by frame, it follows where the blur is."""
-    from eval import detail, detail_by_frame, psnr
+    from eval import detail, psnr
     y = data.render_clip(5, 4, 32, 32)["tgt"][None]                                # (1, 4, 3, 32, 32)
     blur = F.interpolate(F.avg_pool2d(y[0], 4), scale_factor=4, mode="bilinear")[None]
     grain = y + 0.2 * torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
@@ -204,5 +204,5 @@ def test_detail_ratio_sees_blur_and_grain():
     shifted = y.roll(3, -1)                                                       # sharp, in the wrong place
     assert psnr(blur, y) > psnr(shifted, y) and detail(shifted, y).item() > 0.8
     mixed = torch.cat([y[:, :2], blur[:, 2:]], 1)
-    d = detail_by_frame(mixed, y)
+    d = detail(mixed, y, by_frame=True)
     assert d.shape == (4,) and d[:2].min() > 0.99 and d[2:].max() < 0.3
