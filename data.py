@@ -285,8 +285,9 @@ def trajectory(name, n):
 N_SPH, N_BOX = 3, 3
 
 
-def make_scene(seed, device="cpu"):
-    """A random dynamic scene, deterministic per seed, as a dict of tensors."""
+def make_scene(seed):
+    """A random dynamic scene, deterministic per seed, as a dict of CPU tensors (render_clips moves
+    them to the rendering device)."""
     g = torch.Generator().manual_seed(int(seed))
     rnd = lambda *s: torch.rand(*s, generator=g)
     n = N_SPH + N_BOX
@@ -308,10 +309,9 @@ def make_scene(seed, device="cpu"):
     kind = torch.cat([(rnd(n) * 3).long(), torch.zeros(1, dtype=torch.long)])  # checker/stripes/rings
     sky = torch.stack([0.55 + 0.4 * rnd(3), 0.2 + 0.5 * rnd(3)])        # horizon, zenith
     light = F.normalize(torch.stack([rnd(1) - 0.5, 0.6 + 0.4 * rnd(1), rnd(1) - 0.5]).squeeze(-1), dim=0)
-    scene = dict(center=center, vel_dir=vel_dir, amp=amp, omega=omega, phase=phase, radius=radius,
-                 half=half, yaw=rnd(n) * math.pi, colors=colors, freq=freq, kind=kind, sky=sky,
-                 light=light, wiggle=rnd(n + 1, 3) * 6)
-    return {k: v.to(device) for k, v in scene.items()}
+    return dict(center=center, vel_dir=vel_dir, amp=amp, omega=omega, phase=phase, radius=radius,
+                half=half, yaw=rnd(n) * math.pi, colors=colors, freq=freq, kind=kind, sky=sky,
+                light=light, wiggle=rnd(n + 1, 3) * 6)
 
 
 def stack_scenes(scenes):
