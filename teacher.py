@@ -49,6 +49,9 @@ p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None
                help="diffuse target - source instead of the target (default: the preset's)")
 p.add_argument("--src_concat", action=argparse.BooleanOptionalAction, default=None,
                help="give each target frame its source frame's pixels as input channels (default: the preset's)")
+p.add_argument("--dim", type=int, default=None, help="capacity: transformer width, a multiple of 16 x heads (default: the preset's)")
+p.add_argument("--depth", type=int, default=None, help="capacity: transformer blocks (default: the preset's)")
+p.add_argument("--patch", type=int, default=None, help="tokens: patch size in pixels, dividing the frame size (default: the preset's)")
 # optimization
 p.add_argument("--max_steps", type=int, default=None,
                help="training steps (default: per preset; with --minutes: no limit but the time)")
@@ -74,7 +77,7 @@ p.add_argument("--device", type=str, default=default_device(), help="cpu, cuda o
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                help="torch.compile the transformer blocks (default: on for CUDA)")
 args = p.parse_args()
-data.check_args(args, positive=("pairs", "max_pairs", "max_steps", "eval_steps", "save_every"),
+data.check_args(args, positive=("pairs", "max_pairs", "max_steps", "eval_steps", "save_every", "dim", "depth", "patch"),
                 nonneg=("warmup", "eval_every", "stop_at"))
 if args.preset is not None and args.preset not in PRESETS:
     data.fail(f"unknown --preset '{args.preset}': choose from {', '.join(PRESETS)}")
@@ -127,9 +130,13 @@ if not ckpt and args.pred is not None:
     cfg = replace(cfg, pred=args.pred)
 if not ckpt and cam_rope is not None:
     cfg = replace(cfg, cam_rope=cam_rope)
-for k in ("residual", "src_concat"):
+for k in ("residual", "src_concat", "dim", "depth", "patch"):
     if not ckpt and getattr(args, k) is not None:
         cfg = replace(cfg, **{k: getattr(args, k)})
+if cfg.size % cfg.patch:
+    data.fail(f"--patch {cfg.patch} must divide the frame size {cfg.size} of preset {args.preset}")
+if cfg.dim % (16 * cfg.heads):
+    data.fail(f"--dim {cfg.dim} must be a multiple of 16 x heads = {16 * cfg.heads} (3D RoPE splits each head's channels)")
 model = RealCamDiT(cfg).to(args.device)
 ema = copy.deepcopy(model).requires_grad_(False).eval()
 optim = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
