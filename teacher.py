@@ -126,13 +126,10 @@ except ValueError as e:
 if ckpt and "student" in ckpt:
     data.fail(f"{ckpt_path} is a student checkpoint; --resume continues a teacher (give another --out)")
 cfg = Config(**ckpt["config"]) if ckpt else PRESETS[args.preset]
-if not ckpt and args.pred is not None:
-    cfg = replace(cfg, pred=args.pred)
-if not ckpt and cam_rope is not None:
-    cfg = replace(cfg, cam_rope=cam_rope)
-for k in ("residual", "src_concat", "dim", "depth", "patch"):
-    if not ckpt and getattr(args, k) is not None:
-        cfg = replace(cfg, **{k: getattr(args, k)})
+overrides = dict(pred=args.pred, cam_rope=cam_rope, residual=args.residual, src_concat=args.src_concat,
+                 dim=args.dim, depth=args.depth, patch=args.patch)     # flags over the preset; a resumed run keeps its own
+if not ckpt:
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 if cfg.size % cfg.patch:
     data.fail(f"--patch {cfg.patch} must divide the frame size {cfg.size} of preset {args.preset}")
 if cfg.dim % (16 * cfg.heads):
