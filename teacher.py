@@ -51,6 +51,8 @@ p.add_argument("--src_concat", action=argparse.BooleanOptionalAction, default=No
                help="give each target frame its source frame's pixels as input channels (default: the preset's)")
 p.add_argument("--dim", type=int, default=None, help="capacity: transformer width, a multiple of 16 x heads (default: the preset's)")
 p.add_argument("--depth", type=int, default=None, help="capacity: transformer blocks (default: the preset's)")
+p.add_argument("--heads", type=int, default=None,
+               help="attention heads (camera RoPE: one plane a head, so up to heads planes; default: the preset's)")
 p.add_argument("--patch", type=int, default=None, help="tokens: patch size in pixels, dividing the frame size (default: the preset's)")
 # optimization
 p.add_argument("--max_steps", type=int, default=None,
@@ -77,7 +79,7 @@ p.add_argument("--device", type=str, default=default_device(), help="cpu, cuda o
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                help="torch.compile the transformer blocks (default: on for CUDA)")
 args = p.parse_args()
-data.check_args(args, positive=("pairs", "max_pairs", "max_steps", "eval_steps", "save_every", "dim", "depth", "patch"),
+data.check_args(args, positive=("pairs", "max_pairs", "max_steps", "eval_steps", "save_every", "dim", "depth", "heads", "patch"),
                 nonneg=("warmup", "eval_every", "stop_at"))
 if args.preset is not None and args.preset not in PRESETS:
     data.fail(f"unknown --preset '{args.preset}': choose from {', '.join(PRESETS)}")
@@ -127,13 +129,16 @@ if ckpt and "student" in ckpt:
     data.fail(f"{ckpt_path} is a student checkpoint; --resume continues a teacher (give another --out)")
 cfg = Config(**ckpt["config"]) if ckpt else PRESETS[args.preset]
 overrides = dict(pred=args.pred, cam_rope=cam_rope, residual=args.residual, src_concat=args.src_concat,
-                 dim=args.dim, depth=args.depth, patch=args.patch)     # flags over the preset; a resumed run keeps its own
+                 dim=args.dim, depth=args.depth, heads=args.heads, patch=args.patch)     # flags over the preset; a resumed run keeps its own
 if not ckpt:
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 if cfg.size % cfg.patch:
     data.fail(f"--patch {cfg.patch} must divide the frame size {cfg.size} of preset {args.preset}")
 if cfg.dim % (16 * cfg.heads):
     data.fail(f"--dim {cfg.dim} must be a multiple of 16 x heads = {16 * cfg.heads} (3D RoPE splits each head's channels)")
+if len(cfg.cam_rope) > cfg.heads:
+    data.fail(f"--cam_rope gives {len(cfg.cam_rope)} planes but the network has {cfg.heads} heads (one plane a head): "
+              f"give at most {cfg.heads} or raise --heads")
 model = RealCamDiT(cfg).to(args.device)
 ema = copy.deepcopy(model).requires_grad_(False).eval()
 optim = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
