@@ -185,11 +185,23 @@ def critic_step(critic, opt_c, student, batch, steps, g, gs, clip, critic_t="flo
     return loss
 
 
+def recon_loss(x, y, kind="mse", eps=1e-4):
+    """The reconstruction term of the rollout x against the truth y (B, T, 3, H, W). "mse": one
+    mean square error over everything, so frames whose error is already small (small camera
+    moves, where copying the source is nearly right) weigh little. "psnr": the mean over frames
+    of log(mse + eps), minus PSNR up to constants: each frame's gradient is divided by its own
+    error, so a frame counts by its relative error, as the per-frame PSNR that eval.py reports
+    does (eps = 1e-4, about 46 dB on [-1, 1] pixels, keeps exact frames from dominating)."""
+    if kind == "mse":
+        return F.mse_loss(x, y)
+    return torch.log((x - y).pow(2).mean(dim=(2, 3, 4)) + eps).mean()
+
+
 def dmd_step(student, opt, teacher, critic, batch, steps, g, gs, clip, src_grad=False, recon=0.0, world=1,
-             autocast=NO_AUTOCAST, dmd=1.0):
+             autocast=NO_AUTOCAST, dmd=1.0, recon_kind="mse"):
     """The generator step: a Self-Forcing rollout (one exit step shared by every chunk and rank,
     with gradient; src_grad: through the chunk's source encoding too) and two losses on it.
-    recon * mse(rollout, ground truth): multi-view data has the true target (DESIGN section 4),
+    recon * mse(rollout, ground truth) (recon_kind, see recon_loss): multi-view data has the true target (DESIGN section 4),
     and regressing the student's own rollouts on it teaches it to make the right frame from the
     context it really has when streaming. dmd * DMD: the rollout noised to one t a sample,
     denoised by the frozen teacher (real) and the critic (fake); the loss moves it toward the
@@ -211,7 +223,7 @@ def dmd_step(student, opt, teacher, critic, batch, steps, g, gs, clip, src_grad=
         loss, gnorm_g = dmd_loss(x, x0_real, x0_fake)
         loss = dmd * loss
     if recon > 0:
-        loss = loss + recon * F.mse_loss(x, encode_target(tgt, src, student.cfg))
+        loss = loss + recon * recon_loss(x, encode_target(tgt, src, student.cfg), recon_kind)
     gn = optimize(student, opt, loss, clip, world)
     return loss, gnorm_g, gn, exit_step
 
@@ -270,6 +282,8 @@ def parse_args():
                    help="research: the rollout's gradient (reconstruction and/or DMD) also trains the source path (sources encoded with gradient at the exit step)")
     p.add_argument("--recon", type=float, default=1.0,
                    help="weight of the reconstruction term: mse of the Self-Forcing rollout against the true target")
+    p.add_argument("--recon_loss", type=str, default="mse", choices=["mse", "psnr"],
+                   help="research: the reconstruction term as one mse (default) or as the mean over frames of log(mse), i.e. minus PSNR")
     p.add_argument("--dmd", type=float, default=0.0,
                    help="weight of the DMD term (default 0: no critic and no teacher calls; README, Distillation: why "
                         "the shipped student does without)")
@@ -520,7 +534,7 @@ def main():
                                              world, autocast)
                     loss, gnorm_g, gn, exit_step = dmd_step(student, opt, teacher, critic, batch, args.steps, g, gs,
                                                             args.clip, args.src_grad, args.recon, world, autocast,
-                                                            args.dmd)
+                                                            args.dmd, args.recon_loss)
                     msg += (f" | loss {loss.item():.3e} | critic {loss_c.item():.4f} | |g| {gnorm_g.mean().item():.2f}"
                             f" | gnorm {gn.item():.2f} | exit {exit_step}")
                 ema_update(ema, student, step, args.ema)

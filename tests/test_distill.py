@@ -12,7 +12,7 @@ import torch
 import model
 
 from conftest import ROOT
-from distill import critic_timesteps, dmd_loss, dmd_step, dmd_timestep, rollout
+from distill import critic_timesteps, dmd_loss, dmd_step, dmd_timestep, recon_loss, rollout
 from model import (KVCache, PRESETS, decode_target, sample_t, save_checkpoint, student_chunk, student_sample,
                    student_timesteps)
 from test_model import inputs, random_model
@@ -199,10 +199,27 @@ def test_critic_timesteps_switch():
     assert torch.equal(t, dmd_timestep(256, 2.0, g())[:, None]) and t.min() >= 0.02 and t.max() <= 0.98
 
 
+def test_recon_loss_kinds_on_known_errors():
+    """Two frames off by a uniform 0.1 and 0.01: "mse" is their joint mean square error and pulls
+    the worse frame's pixels 10x harder; "psnr" is the mean of log(mse + 1e-4) and pulls the
+    better frame harder, by (2 e / (e^2 + eps)) per pixel: 0.2 / 0.0101 against 0.02 / 0.0002."""
+    y = torch.zeros(1, 2, 3, 4, 4)
+    x = torch.stack([torch.full((3, 4, 4), 0.1), torch.full((3, 4, 4), 0.01)])[None].requires_grad_(True)
+    assert torch.allclose(recon_loss(x, y), torch.tensor((0.01 + 0.0001) / 2))
+    (gm,) = torch.autograd.grad(recon_loss(x, y), x)
+    assert torch.allclose(gm[0, 0] / gm[0, 1], torch.tensor(10.0))
+    lp = recon_loss(x, y, "psnr")
+    assert torch.allclose(lp, (torch.log(torch.tensor(0.01 + 1e-4)) + torch.log(torch.tensor(1e-4 + 1e-4))) / 2)
+    (gp,) = torch.autograd.grad(lp, x)
+    n = 3 * 4 * 4
+    assert torch.allclose(gp[0, 0], torch.tensor(0.2 / 0.0101 / n / 2)) and torch.allclose(gp[0, 1], torch.tensor(0.02 / 0.0002 / n / 2))
+
+
 def test_research_switches_through_distill(script, tmp_path):
     """One DMD step from the same start: without switches no gradient reaches the source role
     embedding (Adam leaves it as it was); --src_grad changes it; --critic_t dmd trains the critic
-    at other timesteps (the critic's update comes before the generator's, from the same student)."""
+    at other timesteps (the critic's update comes before the generator's, from the same student);
+    --recon_loss psnr takes another generator step."""
     teacher, init = random_model(TINY, 1), random_model(replace(TINY, window=2), 0)
     tpath, spath = str(tmp_path / "teacher.pt"), str(tmp_path / "causal.pt")
     save_checkpoint(tpath, model=teacher.state_dict(), ema=teacher.state_dict(), config=asdict(TINY), step=0)
@@ -212,8 +229,11 @@ def test_research_switches_through_distill(script, tmp_path):
               "--max_pairs", 2, "--eval_every", 0]
     script("distill.py", *common, "--out", tmp_path / "a")
     script("distill.py", *common, "--out", tmp_path / "b", "--src_grad", "--critic_t", "dmd")
-    a, b = (torch.load(str(tmp_path / r / "dmd.pt"), weights_only=True) for r in "ab")
+    script("distill.py", *common, "--out", tmp_path / "c", "--recon_loss", "psnr")
+    a, b, c = (torch.load(str(tmp_path / r / "dmd.pt"), weights_only=True) for r in "abc")
     assert b["args"]["src_grad"] and b["args"]["critic_t"] == "dmd" and not a["args"]["src_grad"]
+    assert (a["args"]["recon_loss"], c["args"]["recon_loss"]) == ("mse", "psnr")
+    assert not torch.equal(a["model"]["out.weight"], c["model"]["out.weight"])      # another loss, another step
     role0 = init.role_embed[0].detach()
     assert torch.equal(a["model"]["role_embed"][0], role0) and not torch.equal(b["model"]["role_embed"][0], role0)
     assert not torch.equal(a["critic"]["out.weight"], b["critic"]["out.weight"])
