@@ -157,8 +157,16 @@ def test_distill_stages_end_to_end(script, tmp_path):
     assert "causal 1/2" in log and "dmd 1/2" in log and "|g|" in log and "critic" in log
     r = script("eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--clips", 1, "--frames", 3, "--families", "orbit,pan",
                "--out", out)
-    runs = json.load(open(os.path.join(out, "eval.json")))["runs"]
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    runs, stream = ev["runs"], ev["stream"]
     assert [r["steps"] for r in runs] == [1, 2, 4] and all(r["sampler"] == "student" for r in runs)
+    # the long stream by thirds and frame by frame: 48 frames; the orbit starts and ends at the
+    # source's pose, where copy is exact (marked "=" in the printed rows)
+    assert {"third1", "third2", "third3", "by_frame"} <= set(stream)
+    bf = stream["by_frame"]
+    assert all(len(v) == 48 for v in bf.values()) and bf["covis_copy"][0] >= 50 and bf["covis_copy"][24] < 50
+    row = next(line for line in r.stdout.splitlines() if "by frame, oracle" in line)
+    assert row.split(": ")[1].split()[0] == "=" and len(row.split(": ")[1].split()) == 48
     # the teacher flag refuses a student checkpoint
     r = script("distill.py", "--teacher", os.path.join(out, "ckpt.pt"), "--out", out, ok=False)
     assert r.returncode != 0 and "student checkpoint" in r.stderr and "Traceback" not in r.stderr
