@@ -47,6 +47,8 @@ class Config:
     chunk: int = 1              # student: pairs a chunk
     window: int = 0             # student: chunks attended, the current one included (0 = all)
     sink: int = 0               # student: first chunks always kept in the window
+    ada_single: bool = False    # one adaLN projection shared by the blocks, plus a learned table
+                                # a block (adaLN-single): a third fewer weights, so more width fits
 
 
 # The recipe that learns the geometry (README, Results: the ablation): x-prediction, camera RoPE
@@ -537,7 +539,9 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """DiT block with adaLN-Zero; the modulation is per frame (B, F, 1, 6D), i.e. per token."""
+    """DiT block with adaLN-Zero; the modulation is per frame (B, F, 1, 6D), i.e. per token.
+    cfg.ada_single: the block gets the shared projection of the conditioning (B, F, 6D) and adds
+    its own learned table (6D) instead of projecting the conditioning itself."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -546,11 +550,15 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
         hidden = int(cfg.dim * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.dim))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        if cfg.ada_single:
+            self.ada_table = nn.Parameter(torch.zeros(6 * cfg.dim))
+        else:
+            self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
 
     def forward(self, x, c, rope, plan, cache=None, layer=0):
         B, Fr, L, D = x.shape                                                    # (B, F, L, D)
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, :, None].chunk(6, -1)      # each (B, F, 1, D)
+        mod = c + self.ada_table if hasattr(self, "ada_table") else self.ada(c)  # (B, F, 6D)
+        sh1, sc1, g1, sh2, sc2, g2 = mod[:, :, None].chunk(6, -1)               # each (B, F, 1, D)
         h = (self.norm1(x) * (1 + sc1) + sh1).reshape(B, Fr * L, D)
         x = x + g1 * self.attn(h, rope, plan, cache, layer).view(B, Fr, L, D)
         x = x + g2 * self.mlp(self.norm2(x) * (1 + sc2) + sh2)
@@ -577,6 +585,8 @@ class RealCamDiT(nn.Module):
         self.role_embed = nn.Parameter(torch.zeros(2, D))                      # 0 source, 1 target
         self.t_embed = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        if cfg.ada_single:                                                       # shared by the blocks
+            self.ada_shared = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.out = nn.Linear(D, 3 * p * p)
@@ -591,8 +601,8 @@ class RealCamDiT(nn.Module):
         nn.init.normal_(self.role_embed, std=0.02)
         nn.init.normal_(self.t_embed[0].weight, std=0.02)
         nn.init.normal_(self.t_embed[2].weight, std=0.02)
-        for b in self.blocks:                                                    # adaLN-Zero: blocks start
-            nn.init.zeros_(b.ada[1].weight), nn.init.zeros_(b.ada[1].bias)     # as the identity
+        for ada in [b.ada[1] for b in self.blocks if hasattr(b, "ada")] + ([self.ada_shared[1]] if self.cfg.ada_single else []):
+            nn.init.zeros_(ada.weight), nn.init.zeros_(ada.bias)                 # adaLN-Zero: blocks start as the identity
         for m in (self.ada_out[1], self.out):                                    # and the output at 0
             nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
 
@@ -627,12 +637,13 @@ class RealCamDiT(nn.Module):
         h = h + self.role_embed[const(("role", role, str(dev)), lambda: torch.tensor(role, device=dev))][None, :, None]
         c = self.t_embed(timestep_embedding(t, 256))                             # (B, F, D)
         rope = self.rope(time, cam)
+        cb = self.ada_shared(c) if self.cfg.ada_single else c                    # what the blocks modulate from
         if cache is None and self.compiled:
             for blk in self.compiled:
-                h = blk(h, c, rope, plan)
+                h = blk(h, cb, rope, plan)
         else:
             for i, blk in enumerate(self.blocks):
-                h = blk(h, c, rope, plan, cache, i)
+                h = blk(h, cb, rope, plan, cache, i)
         sh, sc = self.ada_out(c)[:, :, None].chunk(2, -1)
         return self.unpatchify(self.out(self.norm_out(h) * (1 + sc) + sh))     # (B, F, 3, H, W)
 
@@ -828,7 +839,7 @@ def flops_per_forward(cfg, frames, ctx_frames=None, attn_pairs=None):
     pairs = attn_pairs if attn_pairs is not None else N * (frames if ctx_frames is None else ctx_frames) * L
     D, Hd = cfg.dim, int(cfg.dim * cfg.mlp_ratio)
     per_token = cfg.depth * (4 * D * D + 2 * D * Hd) + D * (3 + 3 * cfg.src_concat + cfg.cam_channels) * cfg.patch ** 2 + D * 3 * cfg.patch ** 2
-    per_frame = cfg.depth * 6 * D * D + 2 * D * D + 256 * D + D * D             # adaLN, t embedding
+    per_frame = (1 if cfg.ada_single else cfg.depth) * 6 * D * D + 2 * D * D + 256 * D + D * D   # adaLN, t embedding
     return 2 * (N * per_token + frames * per_frame) + cfg.depth * 4 * pairs * D
 
 

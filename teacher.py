@@ -53,6 +53,8 @@ p.add_argument("--dim", type=int, default=None, help="capacity: transformer widt
 p.add_argument("--depth", type=int, default=None, help="capacity: transformer blocks (default: the preset's)")
 p.add_argument("--heads", type=int, default=None,
                help="attention heads (camera RoPE: one plane a head, so up to heads planes; default: the preset's)")
+p.add_argument("--ada_single", action=argparse.BooleanOptionalAction, default=None,
+               help="one adaLN projection shared by the blocks plus a table a block: a third fewer weights (default: the preset's)")
 p.add_argument("--patch", type=int, default=None, help="tokens: patch size in pixels, dividing the frame size (default: the preset's)")
 # optimization
 p.add_argument("--max_steps", type=int, default=None,
@@ -129,7 +131,8 @@ if ckpt and "student" in ckpt:
     data.fail(f"{ckpt_path} is a student checkpoint; --resume continues a teacher (give another --out)")
 cfg = Config(**ckpt["config"]) if ckpt else PRESETS[args.preset]
 overrides = dict(pred=args.pred, cam_rope=cam_rope, residual=args.residual, src_concat=args.src_concat,
-                 dim=args.dim, depth=args.depth, heads=args.heads, patch=args.patch)     # flags over the preset; a resumed run keeps its own
+                 dim=args.dim, depth=args.depth, heads=args.heads, patch=args.patch,
+                 ada_single=args.ada_single)     # flags over the preset; a resumed run keeps its own
 if not ckpt:
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 if cfg.size % cfg.patch:

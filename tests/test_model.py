@@ -40,13 +40,29 @@ def test_shapes_any_number_of_pairs(T, causal):
     assert v.shape == (2, T, 3, TINY.size, TINY.size) and torch.isfinite(v).all()
 
 
-def test_fresh_model_starts_at_zero_and_backprops():
-    m = RealCamDiT(TINY)
+@pytest.mark.parametrize("ada_single", [False, True])
+def test_fresh_model_starts_at_zero_and_backprops(ada_single):
+    m = RealCamDiT(replace(TINY, ada_single=ada_single))
     src, xt, cs, ct, t = inputs(2, 2)
     v = m(src, xt, cs, ct, t)
     assert torch.equal(v, torch.zeros_like(v))                         # adaLN-Zero / zero output
     (v - 1).square().mean().backward()
     assert m.out.weight.grad.abs().sum() > 0
+
+
+def test_ada_single_shares_one_projection():
+    """adaLN-single: one (D -> 6D) projection for all blocks plus a 6D table a block, instead of
+    a projection a block: depth - 1 projections fewer, depth tables more."""
+    cfg = replace(TINY, depth=3)
+    n = lambda c: sum(p.numel() for p in RealCamDiT(c).parameters())
+    D = cfg.dim
+    assert n(cfg) - n(replace(cfg, ada_single=True)) == (cfg.depth - 1) * (D * 6 * D + 6 * D) - cfg.depth * 6 * D
+    m = random_model(replace(cfg, ada_single=True))
+    src, xt, cs, ct, t = inputs(2, 2)
+    with torch.no_grad():                                                  # each block's table matters
+        a = m(src, xt, cs, ct, t)
+        m.blocks[1].ada_table.add_(0.5)
+        assert not torch.allclose(a, m(src, xt, cs, ct, t))
 
 
 def test_positions_are_relative_in_time():
@@ -133,12 +149,13 @@ def stream(m, src, x0, xt, cs, ct, t, source_once):
 @pytest.mark.parametrize("chunk,window,sink,src_sees_tgt,cam_rope", [
     (1, 0, 0, False, ()), (1, 2, 0, False, ()), (1, 3, 1, False, ()), (2, 2, 0, False, ()), (1, 2, 0, True, ()),
     (2, 0, 0, True, ()), (1, 2, 0, False, (1.0, 0.0)), (3, 2, 1, False, (1.5, 0.5))])
-@pytest.mark.parametrize("src_concat", [False, True])
-def test_kv_cache_equals_full_causal_forward(chunk, window, sink, src_sees_tgt, cam_rope, src_concat):
+@pytest.mark.parametrize("src_concat,ada_single", [(False, False), (True, False), (True, True)])
+def test_kv_cache_equals_full_causal_forward(chunk, window, sink, src_sees_tgt, cam_rope, src_concat, ada_single):
     """KV-cached chunk-by-chunk inference equals the full block-causal forward (same rolling
-    window as a mask) to 1e-5 relative error in float32, camera RoPE and source concat included."""
+    window as a mask) to 1e-5 relative error in float32, camera RoPE, source concat and
+    adaLN-single included."""
     cfg = replace(TINY, chunk=chunk, window=window, sink=sink, src_sees_tgt=src_sees_tgt, cam_rope=cam_rope,
-                  src_concat=src_concat)
+                  src_concat=src_concat, ada_single=ada_single)
     m = random_model(cfg)
     B, T = 2, 7
     src, xt, cs, ct, t = inputs(B, T, cfg)
@@ -201,14 +218,16 @@ def test_euler_sampler_on_a_known_flow(pred):
     assert torch.allclose(out, tgt, atol=1e-5)
 
 
-def test_flop_count_matches_torch_counter():
+@pytest.mark.parametrize("ada_single", [False, True])
+def test_flop_count_matches_torch_counter(ada_single):
     from torch.utils.flop_counter import FlopCounterMode
-    m = random_model()
-    src, xt, cs, ct, t = inputs(2, 3)
+    cfg = replace(TINY, ada_single=ada_single)
+    m = random_model(cfg)
+    src, xt, cs, ct, t = inputs(2, 3, cfg)
     with FlopCounterMode(display=False) as fc:
         m(src, xt, cs, ct, t)
     # the counter sees the matrix products (not the masked CPU attention): compare those
-    est = 2 * flops_per_forward(TINY, 6, ctx_frames=0)                # two clips of 3 pairs
+    est = 2 * flops_per_forward(cfg, 6, ctx_frames=0)                 # two clips of 3 pairs
     assert abs(est - fc.get_total_flops()) / fc.get_total_flops() < 0.02
 
 

@@ -12,12 +12,12 @@ from model import load_checkpoint
 def test_time_boxed_run_saves_evaluates_and_stops(script, tmp_path, device):
     """--minutes: the run stops when its time is up, evaluates (the end's evaluation; no periodic
     one before it with this --eval_every), saves, and writes its summary; the learning rate
-    decays over the wall-clock time; --dim, --depth and --heads set the network's shape, --cam_rope its planes."""
+    decays over the wall-clock time; --dim, --depth, --heads and --ada_single set the network's shape, --cam_rope its planes."""
     out = str(tmp_path / "run")
     t0 = time.time()
     r = script("teacher.py", "--preset", "tiny", "--out", out, "--pairs", 4, "--max_pairs", 3, "--minutes", 0.1,
                "--eval_every", 10 ** 6, "--eval_steps", 2, "--warmup", 2, "--device", device, "--no-compile",
-               "--dim", 96, "--depth", 3, "--heads", 3, "--cam_rope", "1.5,1,0")
+               "--dim", 96, "--depth", 3, "--heads", 3, "--cam_rope", "1.5,1,0", "--ada_single")
     wall = time.time() - t0
     assert "time is up (0.1 min)" in r.stdout and wall > 6
     summary = json.load(open(os.path.join(out, "summary.json")))
@@ -26,6 +26,7 @@ def test_time_boxed_run_saves_evaluates_and_stops(script, tmp_path, device):
     assert steps > 3 and ckpt["step"] == steps
     cfg = ckpt["config"]
     assert (cfg["dim"], cfg["depth"], cfg["heads"], cfg["patch"], tuple(cfg["cam_rope"])) == (96, 3, 3, 4, (1.5, 1, 0))   # tiny: 64, 2, 2, 4
+    assert cfg["ada_single"] and "ada_shared.1.weight" in ckpt["model"] and "blocks.0.ada.1.weight" not in ckpt["model"]
     assert 6 <= summary["train_seconds"] < 6 + wall
     evals = [json.loads(line) for line in open(os.path.join(out, "evals.jsonl"))]
     assert [e["step"] for e in evals] == [steps] and summary["last_eval"] == evals[0]["sample"]
