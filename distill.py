@@ -201,9 +201,9 @@ def dmd_step(student, opt, teacher, critic, batch, steps, g, gs, clip, src_grad=
              autocast=NO_AUTOCAST, dmd=1.0, recon_kind="mse"):
     """The generator step: a Self-Forcing rollout (one exit step shared by every chunk and rank,
     with gradient; src_grad: through the chunk's source encoding too) and two losses on it.
-    recon * mse(rollout, ground truth) (recon_kind, see recon_loss): multi-view data has the true target (DESIGN section 4),
-    and regressing the student's own rollouts on it teaches it to make the right frame from the
-    context it really has when streaming. dmd * DMD: the rollout noised to one t a sample,
+    recon * recon_loss(rollout, ground truth) (recon_kind "mse" or "psnr"): multi-view data has
+    the true target (DESIGN section 4), and regressing the student's own rollouts on it teaches it
+    to make the right frame from the context it really has when streaming. dmd * DMD: the rollout noised to one t a sample,
     denoised by the frozen teacher (real) and the critic (fake); the loss moves it toward the
     real denoising (dmd = 0: no teacher or critic call). The function's defaults are the
     method's plain DMD; distill.py's command line defaults to --dmd 0 --recon 1 (README, Results)."""

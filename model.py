@@ -550,6 +550,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
         hidden = int(cfg.dim * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.dim))
+        self.ada_single = cfg.ada_single
         if cfg.ada_single:
             self.ada_table = nn.Parameter(torch.zeros(6 * cfg.dim))
         else:
@@ -557,7 +558,7 @@ class Block(nn.Module):
 
     def forward(self, x, c, rope, plan, cache=None, layer=0):
         B, Fr, L, D = x.shape                                                    # (B, F, L, D)
-        mod = c + self.ada_table if hasattr(self, "ada_table") else self.ada(c)  # (B, F, 6D)
+        mod = c + self.ada_table if self.ada_single else self.ada(c)             # (B, F, 6D)
         sh1, sc1, g1, sh2, sc2, g2 = mod[:, :, None].chunk(6, -1)               # each (B, F, 1, D)
         h = (self.norm1(x) * (1 + sc1) + sh1).reshape(B, Fr * L, D)
         x = x + g1 * self.attn(h, rope, plan, cache, layer).view(B, Fr, L, D)
@@ -601,8 +602,9 @@ class RealCamDiT(nn.Module):
         nn.init.normal_(self.role_embed, std=0.02)
         nn.init.normal_(self.t_embed[0].weight, std=0.02)
         nn.init.normal_(self.t_embed[2].weight, std=0.02)
-        for ada in [b.ada[1] for b in self.blocks if hasattr(b, "ada")] + ([self.ada_shared[1]] if self.cfg.ada_single else []):
-            nn.init.zeros_(ada.weight), nn.init.zeros_(ada.bias)                 # adaLN-Zero: blocks start as the identity
+        adas = [self.ada_shared[1]] if self.cfg.ada_single else [b.ada[1] for b in self.blocks]
+        for m in adas:                                                           # adaLN-Zero: blocks start
+            nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)                     # as the identity
         for m in (self.ada_out[1], self.out):                                    # and the output at 0
             nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
 
