@@ -52,7 +52,7 @@ p.add_argument("--src_concat", action=argparse.BooleanOptionalAction, default=No
 p.add_argument("--dim", type=int, default=None, help="capacity: transformer width, a multiple of 16 x heads (default: the preset's)")
 p.add_argument("--depth", type=int, default=None, help="capacity: transformer blocks (default: the preset's)")
 p.add_argument("--heads", type=int, default=None,
-               help="attention heads (camera RoPE: one plane a head, so up to heads planes; default: the preset's)")
+               help="attention heads (camera RoPE: head h uses plane h mod planes, so planes beyond the heads go unused; default: the preset's)")
 p.add_argument("--ada_single", action=argparse.BooleanOptionalAction, default=None,
                help="one adaLN projection shared by the blocks plus a table a block: a third fewer weights (default: the preset's)")
 p.add_argument("--patch", type=int, default=None, help="tokens: patch size in pixels, dividing the frame size (default: the preset's)")
@@ -139,9 +139,6 @@ if cfg.size % cfg.patch:
     data.fail(f"--patch {cfg.patch} must divide the frame size {cfg.size} of preset {args.preset}")
 if cfg.dim % (16 * cfg.heads):
     data.fail(f"--dim {cfg.dim} must be a multiple of 16 x heads = {16 * cfg.heads} (3D RoPE splits each head's channels)")
-if len(cfg.cam_rope) > cfg.heads:
-    data.fail(f"--cam_rope gives {len(cfg.cam_rope)} planes but the network has {cfg.heads} heads (one plane a head): "
-              f"give at most {cfg.heads} or raise --heads")
 model = RealCamDiT(cfg).to(args.device)
 ema = copy.deepcopy(model).requires_grad_(False).eval()
 optim = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)

@@ -44,8 +44,7 @@ def test_time_boxed_run_saves_evaluates_and_stops(script, tmp_path, device):
     (["--pairs", 0], "--pairs must be at least 1"), (["--minutes", 0], "--minutes must be positive"),
     (["--device", "gpu"], "--device gpu: use cpu, cuda or cuda:N"), (["--device", "cuda:7"], "--device cuda:7"),
     (["--patch", 5], "--patch 5 must divide the frame size 16"), (["--dim", 80], "--dim 80 must be a multiple of 16 x heads = 32"),
-    (["--depth", 0], "--depth must be at least 1"), (["--heads", 8], "--dim 64 must be a multiple of 16 x heads = 128"),
-    (["--cam_rope", "2,1,0.5"], "--cam_rope gives 3 planes but the network has 2 heads")])
+    (["--depth", 0], "--depth must be at least 1"), (["--heads", 8], "--dim 64 must be a multiple of 16 x heads = 128")])
 def test_bad_flags_fail_clearly(script, tmp_path, flags, message):
     r = script("teacher.py", "--preset", "tiny", "--out", str(tmp_path / "r"), *flags, ok=False, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr
