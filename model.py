@@ -59,7 +59,7 @@ RECIPE = dict(pred="x", cam_rope=(1.6, 1.0, 0.6, 0.0), src_concat=True, residual
 
 PRESETS = {
     "tiny": Config(size=16, patch=4, dim=64, depth=2, heads=2, **RECIPE),      # tests: well under 1 s a step
-    "small": Config(size=32, patch=4, dim=320, depth=6, heads=4, ada_single=True, **RECIPE),  # 2-core CPU, ~2 hours
+    "small": Config(size=32, patch=4, dim=320, depth=6, heads=4, ada_single=True, **RECIPE),  # 2-core CPU, ~1.7 hours
     "base": Config(size=64, patch=4, dim=768, depth=12, heads=12, **RECIPE),   # one GPU
 }
 
