@@ -38,7 +38,7 @@ import data
 from eval import format_quick, quick_eval, save_sample_video, save_strip
 from loopaug import LoopSampler
 from model import (KVCache, StopFlag, add_noise, encode_target, flow_loss, load_checkpoint, sample_t, save_checkpoint,
-                   shift_t, student_chunk, to_x0, RealCamDiT, Config)
+                   shift_t, student_chunk, to_x0, RealCamDiT, Config, WARP_PLANES)
 
 # -----------------------------------------------------------------------------
 # the pieces of the method
@@ -256,6 +256,10 @@ def parse_args():
                    "--max_pairs, so training rollouts run past the rolling window as streams do")
     p.add_argument("--sink", type=int, default=0, help="first chunks always attended")
     p.add_argument("--steps", type=int, default=4, help="student denoising steps a chunk")
+    p.add_argument("--warp", action="store_true",
+                   help="give the student the warp head (model.Config.warp: each pixel picks a depth plane and "
+                        "takes the source's colour where its ray meets it; silent at the start, so a student or "
+                        "teacher without it continues unchanged)")
     # data and optimization
     p.add_argument("--data", type=str, default=None, help="on-disk multi-view dataset folder (default: the synthetic stream)")
     p.add_argument("--loopaug", type=float, default=0.0,
@@ -343,8 +347,8 @@ def stage_start(stage, stages, args):
 
 
 def same_network(a, b):
-    """Do two configs describe the same network (the student's chunk, window and sink aside)?"""
-    free = dict(chunk=1, window=0, sink=0)
+    """Do two configs describe the same network (the student's chunk, window, sink and warp head aside)?"""
+    free = dict(chunk=1, window=0, sink=0, warp=())
     return replace(Config(**a), **free) == replace(Config(**b), **free)
 
 def build_stage(stage, ck, resume, scfg, tcfg, tweights, args, dev):
@@ -355,7 +359,11 @@ def build_stage(stage, ck, resume, scfg, tcfg, tweights, args, dev):
     with --dmd after one without) starts from the teacher. Returns (student, ema, opt, critic,
     opt_c, start step)."""
     student = RealCamDiT(scfg).to(dev)
-    student.load_state_dict(ck["model"] if resume else (ck.get("ema") or ck["model"]))
+    weights = ck["model"] if resume else (ck.get("ema") or ck["model"])
+    added = [k for k in student.state_dict() if k not in weights]
+    if not set(k.split(".")[0] for k in added) <= {"warp_out"}:
+        data.fail(f"the start checkpoint lacks {added[:3]}")
+    student.load_state_dict(weights, strict=not added)   # a start without the warp head: it begins at 0
     ema = copy.deepcopy(student).requires_grad_(False).eval()
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.0 if stage == "dmd" else 0.9, 0.99), weight_decay=0.0)
     critic = opt_c = None
@@ -435,7 +443,8 @@ def main():
     teacher = RealCamDiT(tcfg).to(dev).requires_grad_(False).eval()
     tweights = tckpt.get("ema") or tckpt["model"]     # a training checkpoint or a release file
     teacher.load_state_dict(tweights)
-    scfg = replace(tcfg, chunk=args.chunk, window=args.window, sink=args.sink)
+    scfg = replace(tcfg, chunk=args.chunk, window=args.window, sink=args.sink,
+                   warp=WARP_PLANES if args.warp else Config(**ick["config"]).warp)
     try:
         dataset = data.MultiViewDataset(args.data, scfg.size) if args.data else None
     except (OSError, ValueError) as e:

@@ -49,6 +49,9 @@ class Config:
     sink: int = 0               # student: first chunks always kept in the window
     ada_single: bool = False    # one adaLN projection shared by the blocks, plus a learned table
                                 # a block (adaLN-single): a third fewer weights, so more width fits
+    warp: tuple = ()            # the warp head's planes, inverse depths (() = no head): each target
+                                # pixel picks a plane (softmax) and a gate, and the output adds gate *
+                                # (the source where the pixel's ray meets the picked plane - the source)
 
 
 # The recipe that learns the geometry (README, Results: the ablation): x-prediction, camera RoPE
@@ -56,6 +59,9 @@ class Config:
 # beside each target's, residual targets. Config's own defaults are the plain baseline, which
 # checkpoints written before these fields existed also describe.
 RECIPE = dict(pred="x", cam_rope=(1.6, 1.0, 0.6, 0.0), src_concat=True, residual=True)
+# The warp head's planes (distill.py --warp): the synthetic scenes' inverse depths are 0 (sky) to
+# about 2.3 (the subject at 1), some ground closer
+WARP_PLANES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 
 PRESETS = {
     "tiny": Config(size=16, patch=4, dim=64, depth=2, heads=2, **RECIPE),      # tests: well under 1 s a step
@@ -478,6 +484,26 @@ def time_rotation(time, n_t, device):
     return a.cos(), a.sin()
 
 
+def plane_uv(cam, planes):
+    """Where each pixel's ray meets the fronto-parallel planes z = 1 / rho of the source camera
+    (rho in planes; 0 = infinity), projected into a canonical source camera (fx = fy = 1, centre 0):
+    u, v (B, P, F, H, W). cam (B, F, 6, H, W) Plucker maps (o x d, d) in the source camera's frame.
+    The source's own pixels land on themselves: with the data's source intrinsics (focal 1,
+    centre 1/2, in image widths), u + 1/2 is the position in image widths, so 2 u, 2 v are
+    grid_sample's coordinates (align_corners=False)."""
+    m, d = cam[:, :, :3], cam[:, :, 3:]                                          # (B, F, 3, H, W)
+    o = torch.cross(d, m, dim=2)                                                 # ray point nearest the origin
+    dev = cam.device
+    rho = const(("rho", tuple(planes), str(dev), cam.dtype),
+                lambda: torch.tensor(planes, device=dev, dtype=cam.dtype).view(1, -1, 1, 1, 1))
+    dz = d[:, None, :, 2].clamp(min=0.05)                                        # (B, 1, F, H, W)
+    # the ray meets z = 1/rho at o + (1/rho - o_z) / d_z d, which projects to x/z = rho o_x + (1 - rho o_z) d_x / d_z
+    ox, oy, oz = (o[:, None, :, i] for i in range(3))
+    u = rho * ox + (1 - rho * oz) * d[:, None, :, 0] / dz                      # (B, P, F, H, W)
+    v = rho * oy + (1 - rho * oz) * d[:, None, :, 1] / dz
+    return u, v
+
+
 def plane_positions(cam, cfg):
     """Camera RoPE: where each token's patch lands in the SOURCE image when its rays are cut by
     fronto-parallel planes z = 1 / rho of the source camera (one plane a head, cfg.cam_rope).
@@ -489,16 +515,8 @@ def plane_positions(cam, cfg):
     position", for every plane at once; the network picks a plane (a depth) per pixel. Pure
     rotations land exactly, whatever the depth. Each token's position depends on its own camera
     only, so the KV cache stays exact."""
-    m, d = cam[:, :, :3], cam[:, :, 3:]                                          # (B, F, 3, H, W)
-    o = torch.cross(d, m, dim=2)                                                 # ray point nearest the origin
     dev, P = cam.device, len(cfg.cam_rope)
-    rho = const(("rho", cfg.cam_rope, str(dev), cam.dtype),
-                lambda: torch.tensor(cfg.cam_rope, device=dev, dtype=cam.dtype).view(1, -1, 1, 1, 1))
-    dz = d[:, None, :, 2].clamp(min=0.05)                                        # (B, 1, F, H, W)
-    # the ray meets z = 1/rho at o + (1/rho - o_z) / d_z d, which projects to x/z = rho o_x + (1 - rho o_z) d_x / d_z
-    ox, oy, oz = (o[:, None, :, i] for i in range(3))
-    u = rho * ox + (1 - rho * oz) * d[:, None, :, 0] / dz                      # (B, P, F, H, W)
-    v = rho * oy + (1 - rho * oz) * d[:, None, :, 1] / dz
+    u, v = plane_uv(cam, cfg.cam_rope)                                           # (B, P, F, H, W)
     g = cfg.size // cfg.patch
     pool = lambda z: F.avg_pool2d(z.flatten(0, 2), cfg.patch).view(z.shape[0], P, -1)   # (B, P, F * L)
     col, row = g * (pool(u) + 0.5) - 0.5, g * (pool(v) + 0.5) - 0.5
@@ -591,6 +609,9 @@ class RealCamDiT(nn.Module):
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.out = nn.Linear(D, 3 * p * p)
+        if cfg.warp:                                                             # a logit a plane + a gate, a pixel
+            assert cfg.src_concat and cfg.pred == "x", "the warp head reads the source pixels and adds to x0"
+            self.warp_out = nn.Linear(D, (len(cfg.warp) + 1) * p * p)
         self.compiled = None                                                     # see compile_blocks
         self.init_weights()
 
@@ -605,8 +626,8 @@ class RealCamDiT(nn.Module):
         adas = [self.ada_shared[1]] if self.cfg.ada_single else [b.ada[1] for b in self.blocks]
         for m in adas:                                                           # adaLN-Zero: blocks start
             nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)                     # as the identity
-        for m in (self.ada_out[1], self.out):                                    # and the output at 0
-            nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
+        for m in (self.ada_out[1], self.out) + ((self.warp_out,) if self.cfg.warp else ()):  # and the output at 0
+            nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)                     # (warp: gate 0, planes alike)
 
     def patchify(self, x):  # (B, F, C, H, W) -> (B, F, L, C p p)
         return rearrange(x, "b f c (h p) (w q) -> b f (h w) (c p q)", p=self.cfg.patch, q=self.cfg.patch)
@@ -647,7 +668,30 @@ class RealCamDiT(nn.Module):
             for i, blk in enumerate(self.blocks):
                 h = blk(h, cb, rope, plan, cache, i)
         sh, sc = self.ada_out(c)[:, :, None].chunk(2, -1)
-        return self.unpatchify(self.out(self.norm_out(h) * (1 + sc) + sh))     # (B, F, 3, H, W)
+        h = self.norm_out(h) * (1 + sc) + sh
+        out = self.unpatchify(self.out(h))                                       # (B, F, 3, H, W)
+        return out + self.warp(h, cam) if self.cfg.warp else out
+
+    def warp(self, h, cam):
+        """The warp head's term (B, F, 3, H, W): gate * (sum_k w_k src(x_k) - src(x)), where x_k is
+        where the pixel's ray meets plane k (inverse depth cfg.warp[k]) seen from the source, w =
+        softmax of the pixel's plane logits, src the frame's source pixels (cam's first 3
+        channels, zeros for source frames). The network only has to say which depth a pixel is
+        at; the camera moves it there exactly, to a fraction of a pixel, which 4x4-pixel tokens
+        cannot (README, Long stream). A choice between colours, not a flow field: a logit's
+        gradient is the colour its plane would bring, however far away. The gate is linear and
+        starts at 0, so the head starts silent and a network without it is continued unchanged
+        (distill.py --warp). Per pixel: no key or value changes, the KV cache stays exact."""
+        cfg, (B, Fr, _, H, W) = self.cfg, cam.shape
+        K = len(cfg.warp)
+        o = self.unpatchify(self.warp_out(h)).flatten(0, 1)                      # (BF, K + 1, H, W)
+        u, v = plane_uv(cam[:, :, -6:], cfg.warp)                               # (B, K, F, H, W)
+        grid = torch.stack([2 * u, 2 * v], -1).transpose(1, 2).flatten(0, 2)     # (BFK, H, W, 2); see plane_uv
+        src = cam[:, :, :3].flatten(0, 1)                                        # (BF, 3, H, W)
+        seen = F.grid_sample(src.repeat_interleave(K, 0), grid, mode="bilinear", padding_mode="border",
+                             align_corners=False).view(B * Fr, K, 3, H, W)
+        mix = (o[:, :K].softmax(1)[:, :, None] * seen).sum(1)
+        return (o[:, K:] * (mix - src)).view(B, Fr, 3, H, W)
 
     def forward_frames(self, x, cam, t, time, role, causal, cache=None, write=False):
         """Core forward over F frames with per-frame metadata.

@@ -113,6 +113,46 @@ def test_x_prediction_starts_as_copy_the_source():
     assert torch.equal(teacher_sample(m, src, cs, ct, steps=3, generator=torch.Generator().manual_seed(0)), src)
 
 
+def test_warp_head_starts_as_the_network_without_it():
+    """A network given the warp head (zero weights) computes what it computed without: the gate
+    is 0, so the added term is 0, and distill.py --warp continues a student."""
+    plain = random_model()
+    m = RealCamDiT(replace(TINY, warp=model.WARP_PLANES)).eval()
+    missing = m.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["warp_out.bias", "warp_out.weight"]
+    src, xt, cs, ct, t = inputs(2, 3)
+    assert torch.allclose(m(src, xt, cs, ct, t), plain(src, xt, cs, ct, t), atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [0, 4, 7])
+def test_warp_head_moves_the_source_as_the_plane_says(k):
+    """Known answer: a target camera moved and turned against the source, a scene that is the
+    fronto-parallel plane z = 1 / rho_k. With the gate open (1) and every pixel's choice on plane
+    k, the output is the source resampled where data.reproject sends each target pixel: the
+    depth-warp oracle of that scene."""
+    import data
+    cfg = replace(TINY, warp=model.WARP_PLANES)
+    m, p, S, P = RealCamDiT(cfg), cfg.patch, cfg.size, len(cfg.warp)
+    with torch.no_grad():
+        b = m.warp_out.bias.view(P + 1, p, p)
+        b[k], b[P] = 50.0, 1.0                                   # one-hot plane k, gate 1
+    rel = data.camera_path(yaw=0.1, pitch=-0.05, move=(0.15, 0.05, 0.1), n=1)[0]   # (1, 4, 4)
+    K = torch.tensor([[1.0, 1.0, 0.5, 0.5]])
+    _, ct = data.pair_rays(rel[None], K[None], K[None], S, S)
+    src = torch.randn(1, 1, 3, S, S)
+    cam = model.frame_cond(cfg, src, ct)
+    got = src + m.warp(torch.zeros(1, 1, (S // p) ** 2, cfg.dim), cam)
+    # the plane's z-depth seen from the target: its ray (x, y, 1) in the target frame, R (x, y, 1) in
+    # the source's, meets z = 1 / rho after (1 / rho - c_z) / (R (x, y, 1))_z
+    px = (torch.arange(S) + 0.5) / S - 0.5
+    ray = torch.stack([px.expand(S, S), px[:, None].expand(S, S), torch.ones(S, S)], -1)   # (H, W, 3)
+    R, c = rel[0, :3, :3], rel[0, :3, 3]
+    depth = ((1 / cfg.warp[k] - c[2]) / (ray @ R.T)[..., 2] if cfg.warp[k] else torch.full((S, S), float("inf")))[None, None]
+    uv, _, _ = data.reproject(depth, rel[None], K[None], K[None])
+    want = data.warp_source(src, uv * 2 - 1)
+    assert torch.allclose(got, want, atol=1e-4)
+
+
 def test_masks():
     cfg = replace(TINY, chunk=2, window=2, sink=1)
     time, role = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]), torch.tensor([0, 1] * 7)
@@ -149,13 +189,14 @@ def stream(m, src, x0, xt, cs, ct, t, source_once):
 @pytest.mark.parametrize("chunk,window,sink,src_sees_tgt,cam_rope", [
     (1, 0, 0, False, ()), (1, 2, 0, False, ()), (1, 3, 1, False, ()), (2, 2, 0, False, ()), (1, 2, 0, True, ()),
     (2, 0, 0, True, ()), (1, 2, 0, False, (1.0, 0.0)), (3, 2, 1, False, (1.5, 0.5))])
-@pytest.mark.parametrize("src_concat,ada_single", [(False, False), (True, False), (True, True)])
-def test_kv_cache_equals_full_causal_forward(chunk, window, sink, src_sees_tgt, cam_rope, src_concat, ada_single):
+@pytest.mark.parametrize("src_concat,ada_single,warp", [(False, False, ()), (True, False, ()), (True, True, ()),
+                                                      (True, True, (0.0, 1.0))])
+def test_kv_cache_equals_full_causal_forward(chunk, window, sink, src_sees_tgt, cam_rope, src_concat, ada_single, warp):
     """KV-cached chunk-by-chunk inference equals the full block-causal forward (same rolling
-    window as a mask) to 1e-5 relative error in float32, camera RoPE, source concat and
-    adaLN-single included."""
+    window as a mask) to 1e-5 relative error in float32, camera RoPE, source concat,
+    adaLN-single and the warp head included."""
     cfg = replace(TINY, chunk=chunk, window=window, sink=sink, src_sees_tgt=src_sees_tgt, cam_rope=cam_rope,
-                  src_concat=src_concat, ada_single=ada_single)
+                  src_concat=src_concat, ada_single=ada_single, warp=warp)
     m = random_model(cfg)
     B, T = 2, 7
     src, xt, cs, ct, t = inputs(B, T, cfg)
