@@ -260,6 +260,7 @@ def parse_args():
                    help="give the student the warp head (model.Config.warp: each pixel picks a depth plane and "
                         "takes the source's colour where its ray meets it; silent at the start, so a student or "
                         "teacher without it continues unchanged)")
+    p.add_argument("--warp_lr", type=float, default=None, help="the warp head's learning rate (default: --lr)")
     # data and optimization
     p.add_argument("--data", type=str, default=None, help="on-disk multi-view dataset folder (default: the synthetic stream)")
     p.add_argument("--loopaug", type=float, default=0.0,
@@ -309,8 +310,8 @@ def parse_args():
         data.fail(f"--minutes must be positive, got {args.minutes}")
     if not 0 < args.causal_share < 1:
         data.fail(f"--causal_share is a share of --minutes, between 0 and 1, got {args.causal_share}")
-    if not (args.lr > 0 and args.lr_critic > 0 and args.clip > 0 and 0 <= args.ema < 1 and args.recon >= 0):
-        data.fail("--lr, --lr_critic and --clip must be positive, --recon non-negative, --ema in [0, 1)")
+    if not (args.lr > 0 and args.lr_critic > 0 and (args.warp_lr is None or args.warp_lr > 0) and args.clip > 0 and 0 <= args.ema < 1 and args.recon >= 0):
+        data.fail("--lr, --lr_critic, --warp_lr and --clip must be positive, --recon non-negative, --ema in [0, 1)")
     if args.loopaug > 0 and not args.data:
         data.fail("--loopaug builds loops from a multi-view dataset: give --data DIR (python data.py --out DIR writes one)")
     data.check_device(args.device)
@@ -365,7 +366,10 @@ def build_stage(stage, ck, resume, scfg, tcfg, tweights, args, dev):
         data.fail(f"the start checkpoint lacks {added[:3]}")
     student.load_state_dict(weights, strict=not added)   # a start without the warp head: it begins at 0
     ema = copy.deepcopy(student).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.0 if stage == "dmd" else 0.9, 0.99), weight_decay=0.0)
+    head = [p for n, p in student.named_parameters() if n.startswith("warp_out.")]     # --warp_lr's
+    rest = [p for n, p in student.named_parameters() if not n.startswith("warp_out.")]
+    groups = [dict(params=rest)] + ([dict(params=head, lr=args.warp_lr or args.lr)] if head else [])
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.0 if stage == "dmd" else 0.9, 0.99), weight_decay=0.0)
     critic = opt_c = None
     critic_saved = resume and "critic" in ck
     if stage == "dmd" and args.dmd > 0:

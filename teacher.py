@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import data
 from eval import format_quick, quick_eval, save_sample_video, save_strip
-from model import (PRESETS, Config, RealCamDiT, StopFlag, add_noise, attention_pairs, autocast_for,
+from model import (PRESETS, WARP_PLANES, Config, RealCamDiT, StopFlag, add_noise, attention_pairs, autocast_for,
                    compile_blocks, default_device, encode_target, flops_per_forward, flow_loss, load_checkpoint,
                    num_params, peak_flops, sample_t, save_checkpoint)
 
@@ -56,6 +56,9 @@ p.add_argument("--heads", type=int, default=None,
 p.add_argument("--ada_single", action=argparse.BooleanOptionalAction, default=None,
                help="one adaLN projection shared by the blocks plus a table a block: a third fewer weights (default: the preset's)")
 p.add_argument("--patch", type=int, default=None, help="tokens: patch size in pixels, dividing the frame size (default: the preset's)")
+p.add_argument("--warp", action=argparse.BooleanOptionalAction, default=None,
+               help="the warp head (model.Config.warp): each pixel picks a depth plane and takes the source's colour "
+                    "where its ray meets it; needs --pred x and --src_concat (default: the preset's)")
 # optimization
 p.add_argument("--max_steps", type=int, default=None,
                help="training steps (default: per preset; with --minutes: no limit but the time)")
@@ -132,9 +135,12 @@ if ckpt and "student" in ckpt:
 cfg = Config(**ckpt["config"]) if ckpt else PRESETS[args.preset]
 overrides = dict(pred=args.pred, cam_rope=cam_rope, residual=args.residual, src_concat=args.src_concat,
                  dim=args.dim, depth=args.depth, heads=args.heads, patch=args.patch,
-                 ada_single=args.ada_single)     # flags over the preset; a resumed run keeps its own
+                 ada_single=args.ada_single,     # flags over the preset; a resumed run keeps its own
+                 warp=None if args.warp is None else WARP_PLANES if args.warp else ())
 if not ckpt:
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+if cfg.warp and not (cfg.src_concat and cfg.pred == "x"):
+    data.fail("--warp reads the source pixels and adds to the clean-frame prediction: it needs --src_concat and --pred x")
 if cfg.size % cfg.patch:
     data.fail(f"--patch {cfg.patch} must divide the frame size {cfg.size} of preset {args.preset}")
 if cfg.dim % (16 * cfg.heads):

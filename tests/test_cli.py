@@ -70,6 +70,7 @@ CASES = [
     ("distill.py", "--teacher {d}/teacher.pt --minutes 5 --causal_share 1", "--causal_share is a share of --minutes"),
     ("distill.py", "--teacher {d}/teacher.pt --recon 0", "--dmd and --recon are loss weights"),
     ("distill.py", "--teacher {d}/teacher.pt --recon -1", "--dmd and --recon are loss weights"),
+    ("distill.py", "--teacher {d}/teacher.pt --warp --warp_lr 0", "--lr, --lr_critic, --warp_lr and --clip must be positive"),
     ("distill.py", "--teacher {d}/teacher.pt --device cuda", "CUDA is not available"),
     ("distill.py", "--teacher {d}/random.pt", "not a file torch.load reads"),
     ("distill.py", "--teacher {d}/student.pt", "is a student checkpoint; --teacher needs a teacher"),

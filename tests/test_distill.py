@@ -266,6 +266,28 @@ def test_critic_only_where_dmd_runs(script, tmp_path):
     assert not torch.equal(ck["critic"]["out.weight"], teacher.state_dict()["out.weight"])     # trained from the teacher
 
 
+def test_warp_head_added_to_a_student_through_distill(script, tmp_path):
+    """--warp continues a student that has no warp head: its weights load, the head starts at 0 and
+    trains at --warp_lr (its own optimizer group); --resume keeps the head and both rates."""
+    teacher, init = random_model(TINY, 1), random_model(replace(TINY, window=2), 0)
+    tpath, spath, out = str(tmp_path / "teacher.pt"), str(tmp_path / "causal.pt"), tmp_path / "s"
+    save_checkpoint(tpath, model=teacher.state_dict(), ema=teacher.state_dict(), config=asdict(TINY), step=0)
+    save_checkpoint(spath, model=init.state_dict(), ema=init.state_dict(), config=asdict(replace(TINY, window=2)), step=1,
+                    student=dict(steps=4, stage="causal"))
+    common = ["--stage", "dmd", "--teacher", tpath, "--init", spath, "--out", out, "--pairs", 2, "--max_pairs", 2,
+              "--eval_every", 0, "--warp", "--warp_lr", 1e-3]
+    script("distill.py", *common, "--dmd_steps", 2)
+    ck = torch.load(str(out / "dmd.pt"), weights_only=True)
+    assert tuple(ck["config"]["warp"]) == model.WARP_PLANES and ck["model"]["warp_out.weight"].abs().sum() > 0
+    assert [g["lr"] for g in ck["optim"]["param_groups"]] == [5e-5, 1e-3]
+    assert not torch.equal(ck["model"]["patch_embed.weight"], init.state_dict()["patch_embed.weight"])   # all of it trains
+    script("distill.py", *common, "--dmd_steps", 3, "--resume")
+    ck2 = torch.load(str(out / "dmd.pt"), weights_only=True)
+    assert ck2["step"] == 3 and tuple(ck2["config"]["warp"]) == model.WARP_PLANES
+    assert [g["lr"] for g in ck2["optim"]["param_groups"]] == [5e-5, 1e-3]
+    assert not torch.equal(ck["model"]["warp_out.weight"], ck2["model"]["warp_out.weight"])
+
+
 def test_distill_from_the_shipped_teacher(script, tmp_path):
     """README: `distill.py --teacher checkpoints/teacher_small.pt` (a float16 release file) runs
     both stages."""
