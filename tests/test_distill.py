@@ -223,16 +223,23 @@ def test_recon_loss_kinds_on_known_errors():
     assert torch.allclose(gp[0, 0], torch.tensor(0.2 / 0.0101 / n / 2)) and torch.allclose(gp[0, 1], torch.tensor(0.02 / 0.0002 / n / 2))
 
 
-def test_research_switches_through_distill(script, tmp_path):
-    """One DMD step from the same start: without switches no gradient reaches the source role
-    embedding (Adam leaves it as it was); --src_grad changes it; --critic_t dmd trains the critic
-    at other timesteps (the critic's update comes before the generator's, from the same student);
-    --recon_loss psnr takes another generator step."""
+def dmd_start(tmp_path):
+    """A random tiny teacher and a causal student (window 2) saved as distill.py's dmd stage
+    starts from them: (teacher, student, teacher path, student path)."""
     teacher, init = random_model(TINY, 1), random_model(replace(TINY, window=2), 0)
     tpath, spath = str(tmp_path / "teacher.pt"), str(tmp_path / "causal.pt")
     save_checkpoint(tpath, model=teacher.state_dict(), ema=teacher.state_dict(), config=asdict(TINY), step=0)
     save_checkpoint(spath, model=init.state_dict(), ema=init.state_dict(), config=asdict(replace(TINY, window=2)), step=1,
                     student=dict(steps=4, stage="causal"))
+    return teacher, init, tpath, spath
+
+
+def test_research_switches_through_distill(script, tmp_path):
+    """One DMD step from the same start: without switches no gradient reaches the source role
+    embedding (Adam leaves it as it was); --src_grad changes it; --critic_t dmd trains the critic
+    at other timesteps (the critic's update comes before the generator's, from the same student);
+    --recon_loss psnr takes another generator step."""
+    teacher, init, tpath, spath = dmd_start(tmp_path)
     common = ["--stage", "dmd", "--teacher", tpath, "--init", spath, "--dmd_steps", 1, "--critic_steps", 1, "--dmd", 1, "--pairs", 2,
               "--max_pairs", 2, "--eval_every", 0]
     script("distill.py", *common, "--out", tmp_path / "a")
@@ -250,11 +257,8 @@ def test_research_switches_through_distill(script, tmp_path):
 def test_critic_only_where_dmd_runs(script, tmp_path):
     """--dmd 0 (the default) builds no critic: the stage's checkpoint holds none. Resumed with
     --dmd 1 and more steps, the stage builds one from the teacher, trains it and saves it."""
-    teacher, init = random_model(TINY, 1), random_model(replace(TINY, window=2), 0)
-    tpath, spath, out = str(tmp_path / "teacher.pt"), str(tmp_path / "causal.pt"), tmp_path / "s"
-    save_checkpoint(tpath, model=teacher.state_dict(), ema=teacher.state_dict(), config=asdict(TINY), step=0)
-    save_checkpoint(spath, model=init.state_dict(), ema=init.state_dict(), config=asdict(replace(TINY, window=2)), step=1,
-                    student=dict(steps=4, stage="causal"))
+    teacher, init, tpath, spath = dmd_start(tmp_path)
+    out = tmp_path / "s"
     common = ["--stage", "dmd", "--teacher", tpath, "--init", spath, "--out", out, "--critic_steps", 1, "--pairs", 2,
               "--max_pairs", 2, "--eval_every", 0]
     script("distill.py", *common, "--dmd_steps", 1)
@@ -269,11 +273,8 @@ def test_critic_only_where_dmd_runs(script, tmp_path):
 def test_warp_head_added_to_a_student_through_distill(script, tmp_path):
     """--warp continues a student that has no warp head: its weights load, the head starts at 0 and
     trains at --warp_lr (its own optimizer group); --resume keeps the head and both rates."""
-    teacher, init = random_model(TINY, 1), random_model(replace(TINY, window=2), 0)
-    tpath, spath, out = str(tmp_path / "teacher.pt"), str(tmp_path / "causal.pt"), tmp_path / "s"
-    save_checkpoint(tpath, model=teacher.state_dict(), ema=teacher.state_dict(), config=asdict(TINY), step=0)
-    save_checkpoint(spath, model=init.state_dict(), ema=init.state_dict(), config=asdict(replace(TINY, window=2)), step=1,
-                    student=dict(steps=4, stage="causal"))
+    teacher, init, tpath, spath = dmd_start(tmp_path)
+    out = tmp_path / "s"
     common = ["--stage", "dmd", "--teacher", tpath, "--init", spath, "--out", out, "--pairs", 2, "--max_pairs", 2,
               "--eval_every", 0, "--warp", "--warp_lr", 1e-3]
     script("distill.py", *common, "--dmd_steps", 2)
