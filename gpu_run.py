@@ -9,7 +9,7 @@ recipe at the shipped size with a GPU's compute, and runs the rest of the CUDA p
 Stages, each with a time limit inside the budget; the run goes on past a failed stage where it
 can and reports every stage in summary.json:
   1. env           Python, torch, CUDA, the GPU and its memory, the packages, a timed bf16 matmul
-  2. teacher       teacher.py --preset small --minutes M (blocks compiled; rerun eager if compiling fails),
+  2. teacher       teacher.py --preset small --warp --minutes M (blocks compiled; rerun eager if compiling fails),
                    evaluated every 500 steps: its learning curve goes into summary.json
   3. eval teacher  eval.py at 1 and 50 steps: the co-visible gain, to set beside the CPU-trained teacher's
   4. causal        distill.py --stage causal for a share of --student_minutes
@@ -58,6 +58,8 @@ p.add_argument("--student_minutes", type=float, default=2.0,
 p.add_argument("--data", type=str, default="data/mv",
                help="multi-view dataset for the Self-Forcing stage, with LoopAug on half its rollouts (synthetic "
                     "stream if the folder is missing)")
+p.add_argument("--warp", action=argparse.BooleanOptionalAction, default=True,
+               help="give the teacher (and so the student) the warp head, as the shipped student has (default: on)")
 p.add_argument("--dry_run", action="store_true",
                help="check the plumbing on the CPU: tiny preset, a few steps, one quick test (about a minute)")
 args = p.parse_args()
@@ -224,7 +226,8 @@ def release(who, ckpt):
 tdir = os.path.join(work, "teacher")
 shutil.rmtree(tdir, ignore_errors=True)
 teacher = ["teacher.py", "--preset", args.preset, "--pairs", args.pairs, "--out", tdir, "--minutes", args.teacher_minutes,
-           "--eval_every", 5 if args.dry_run else 500, "--eval_steps", 10, "--save_every", 10 ** 6, "--device", dev]
+           "--eval_every", 5 if args.dry_run else 500, "--eval_steps", 10, "--save_every", 10 ** 6, "--device", dev,
+           "--warp" if args.warp else "--no-warp"]
 rec = stage("teacher", teacher, 60 * args.teacher_minutes + 150)
 if rec["status"] == "failed" and args.device.startswith("cuda"):           # e.g. no compiler for torch.compile
     shutil.rmtree(tdir, ignore_errors=True)

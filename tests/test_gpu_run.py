@@ -30,8 +30,9 @@ def test_gpu_run_dry_run(script, tmp_path):
     assert s["student_data"] == str(mv) and "--loopaug 0.5" in s["stages"][3]["cmd"]
     from model import load_checkpoint
     for who in ("teacher", "student"):
-        sd = load_checkpoint(str(out / f"{who}.pt"))["model"]
-        assert all(v.dtype in (__import__("torch").float16,) for v in sd.values() if v.is_floating_point())
+        ck = load_checkpoint(str(out / f"{who}.pt"))
+        assert all(v.dtype in (__import__("torch").float16,) for v in ck["model"].values() if v.is_floating_point())
+        assert ck["config"]["warp"] and "warp_out.weight" in ck["model"]          # --warp, the default
     log = open(out / "gpu_run.log").read()
     assert "== teacher: ok" in log and "time is up" in log
     # the real run refuses the CPU, with one line
