@@ -490,7 +490,10 @@ def main():
             if master:
                 print(f"{stage}: already done ({path}, step {ck['step']})")
             continue
-        student, ema, opt, critic, opt_c, start = build_stage(stage, ck, resume, scfg, tcfg, tweights, args, dev)
+        try:
+            student, ema, opt, critic, opt_c, start = build_stage(stage, ck, resume, scfg, tcfg, tweights, args, dev)
+        except ValueError as e:                                             # a network the config refuses (--warp)
+            data.fail(e)
         if ddp:
             broadcast([student, ema, critic])                # every rank starts from rank 0's weights
         tag = {"causal": 4, "dmd": 5}[stage]                 # the stage's RNG tag

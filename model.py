@@ -610,7 +610,9 @@ class RealCamDiT(nn.Module):
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.out = nn.Linear(D, 3 * p * p)
         if cfg.warp:                                                             # a logit a plane + a gate, a pixel
-            assert cfg.src_concat and cfg.pred == "x", "the warp head reads the source pixels and adds to x0"
+            if not (cfg.src_concat and cfg.pred == "x"):
+                raise ValueError("the warp head (--warp) reads the source pixels and adds to the clean-frame "
+                                 "prediction: it needs --src_concat and --pred x")
             self.warp_out = nn.Linear(D, (len(cfg.warp) + 1) * p * p)
         self.compiled = None                                                     # see compile_blocks
         self.init_weights()
@@ -670,7 +672,7 @@ class RealCamDiT(nn.Module):
         sh, sc = self.ada_out(c)[:, :, None].chunk(2, -1)
         h = self.norm_out(h) * (1 + sc) + sh
         out = self.unpatchify(self.out(h))                                       # (B, F, 3, H, W)
-        return out + self.warp(h, cam) if self.cfg.warp else out
+        return out + self.warp(h, cam) if self.cfg.warp and 1 in role else out   # source frames: exactly 0
 
     def warp(self, h, cam):
         """The warp head's term (B, F, 3, H, W): gate * (sum_k w_k src(x_k) - src(x)), where x_k is

@@ -139,13 +139,14 @@ overrides = dict(pred=args.pred, cam_rope=cam_rope, residual=args.residual, src_
                  warp=None if args.warp is None else WARP_PLANES if args.warp else ())
 if not ckpt:
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-if cfg.warp and not (cfg.src_concat and cfg.pred == "x"):
-    data.fail("--warp reads the source pixels and adds to the clean-frame prediction: it needs --src_concat and --pred x")
 if cfg.size % cfg.patch:
     data.fail(f"--patch {cfg.patch} must divide the frame size {cfg.size} of preset {args.preset}")
 if cfg.dim % (16 * cfg.heads):
     data.fail(f"--dim {cfg.dim} must be a multiple of 16 x heads = {16 * cfg.heads} (3D RoPE splits each head's channels)")
-model = RealCamDiT(cfg).to(args.device)
+try:
+    model = RealCamDiT(cfg).to(args.device)
+except ValueError as e:                                                     # a combination the network refuses
+    data.fail(e)
 ema = copy.deepcopy(model).requires_grad_(False).eval()
 optim = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
 start, best, trained_s = 0, -math.inf, 0.0

@@ -47,7 +47,7 @@ def test_time_boxed_run_saves_evaluates_and_stops(script, tmp_path, device):
     (["--device", "gpu"], "--device gpu: use cpu, cuda or cuda:N"), (["--device", "cuda:7"], "--device cuda:7"),
     (["--patch", 5], "--patch 5 must divide the frame size 16"), (["--dim", 80], "--dim 80 must be a multiple of 16 x heads = 32"),
     (["--depth", 0], "--depth must be at least 1"), (["--heads", 8], "--dim 64 must be a multiple of 16 x heads = 128"),
-    (["--warp", "--pred", "v"], "--warp reads the source pixels and adds to the clean-frame prediction: it needs --src_concat and --pred x")])
+    (["--warp", "--pred", "v"], "the warp head (--warp) reads the source pixels and adds to the clean-frame prediction: it needs --src_concat and --pred x")])
 def test_bad_flags_fail_clearly(script, tmp_path, flags, message):
     r = script("teacher.py", "--preset", "tiny", "--out", str(tmp_path / "r"), *flags, ok=False, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr
