@@ -650,14 +650,17 @@ def to_uint8(x):
 
 class VideoWriter:
     """Write frames one at a time to an mp4 (H.264). Frames: (3, H, W) in [-1, 1] or uint8 HWC.
-    Every frame written is in the file once close() runs (use as a context manager)."""
+    quality "high" or "low" (crf 10 or 20, YUV 4:2:0: for viewing) or "lossless" (RGB H.264 at
+    qp 0: the pixels read back exactly, for datasets). Every frame written is in the file once
+    close() runs (use as a context manager)."""
 
     def __init__(self, path, fps=8.0, quality="high", upscale=1):
         import av
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path, self.fps, self.upscale = path, fps, upscale
         self.container, self.stream = av.open(path, "w"), None
-        self.opts = {"crf": "10" if quality == "high" else "20"}
+        self.lossless = quality == "lossless"
+        self.opts = {"qp": "0"} if self.lossless else {"crf": "10" if quality == "high" else "20"}
 
     def write(self, frame):
         import av
@@ -669,9 +672,10 @@ class VideoWriter:
         frame = np.ascontiguousarray(frame[: h - h % 2, : w - w % 2])   # H.264 needs even sizes
         if self.stream is None:
             from fractions import Fraction
-            self.stream = self.container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1000))
+            codec = "libx264rgb" if self.lossless else "libx264"
+            self.stream = self.container.add_stream(codec, rate=Fraction(self.fps).limit_denominator(1000))
             self.stream.width, self.stream.height = frame.shape[1], frame.shape[0]
-            self.stream.pix_fmt, self.stream.options = "yuv420p", self.opts
+            self.stream.pix_fmt, self.stream.options = "rgb24" if self.lossless else "yuv420p", self.opts
         for pkt in self.stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
             self.container.mux(pkt)
 
@@ -688,9 +692,9 @@ class VideoWriter:
         self.close()
 
 
-def write_video(path, frames, fps=8.0, upscale=1):
-    """Write a sequence of frames (T, 3, H, W) in [-1, 1] to mp4."""
-    with VideoWriter(path, fps, upscale=upscale) as w:
+def write_video(path, frames, fps=8.0, upscale=1, quality="high"):
+    """Write a sequence of frames (T, 3, H, W) in [-1, 1] to mp4 (quality: see VideoWriter)."""
+    with VideoWriter(path, fps, quality, upscale) as w:
         for f in frames:
             w.write(f)
 
@@ -714,13 +718,14 @@ def side_by_side(*videos, gap=1):
 #                                                           "c2w": [T x 4x4 OpenCV cam-to-world]}]}
 
 def write_scene(dirpath, frames, c2w, K, fps=FPS):
-    """frames (C, T, 3, H, W), c2w (C, T, 4, 4), K (C, 4) -> one mp4 per camera + cameras.json."""
+    """frames (C, T, 3, H, W), c2w (C, T, 4, 4), K (C, 4) -> one lossless mp4 per camera (the
+    pixels read back exactly, to 8 bits) + cameras.json."""
     os.makedirs(dirpath, exist_ok=True)
     C, T, _, H, W = frames.shape
     cams = []
     for c in range(C):
         name = f"cam{c:02d}"
-        write_video(os.path.join(dirpath, name + ".mp4"), frames[c], fps)
+        write_video(os.path.join(dirpath, name + ".mp4"), frames[c], fps, quality="lossless")   # training targets: exact
         cams.append(dict(name=name, file=name + ".mp4", K=K[c].tolist(), c2w=c2w[c].tolist()))
     meta = dict(fps=fps, width=W, height=H, frames=T, cameras=cams)
     with open(os.path.join(dirpath, "cameras.json"), "w") as f:

@@ -38,16 +38,16 @@ import data
 from eval import format_quick, quick_eval, save_sample_video, save_strip
 from loopaug import LoopSampler
 from model import (KVCache, StopFlag, add_noise, encode_target, flow_loss, load_checkpoint, sample_t, save_checkpoint,
-                   shift_t, student_chunk, to_x0, RealCamDiT, Config, WARP_PLANES)
+                   shift_t, student_chunk, to_x0, null_camera, RealCamDiT, Config, WARP_PLANES)
 
 # -----------------------------------------------------------------------------
 # the pieces of the method
 
 
-def rollout(student, src, cam_src, cam_tgt, steps, exit_step, generator, src_grad=False):
+def rollout(student, src, cam_src, cam_tgt, steps, exit_step, generator):
     """Self-Forcing rollout: the student generates all T target frames chunk by chunk from its
     own KV cache, stopping every chunk at the same exit step. Only the exit step's forward keeps
-    gradients (src_grad: the chunk's source encoding too); the cache passes run without, so no
+    gradients; the cache passes run without, so no
     gradient crosses chunks. Returns x (B, T, 3, H, W) in diffusion space (the target, or
     target - source)."""
     cfg, (B, T) = student.cfg, src.shape[:2]
@@ -56,7 +56,7 @@ def rollout(student, src, cam_src, cam_tgt, steps, exit_step, generator, src_gra
         sl = slice(c0, min(T, c0 + cfg.chunk))
         noise = torch.randn((steps, B, sl.stop - sl.start) + src.shape[2:], generator=generator).to(src.device)
         out.append(student_chunk(student, cache, src[:, sl], cam_src[:, sl], cam_tgt[:, sl], range(sl.start, sl.stop), steps,
-                                 noise, exit_step, src_grad))     # pair indices as a range: no host sync
+                                 noise, exit_step))     # pair indices as a range: no host sync
     return torch.cat(out, 1)
 
 
@@ -85,11 +85,6 @@ def dmd_timestep(B, shift, generator, lo=0.02, hi=0.98):
     """One t a sample for the DMD loss: uniform, shifted toward noise, clamped away from 0 and 1."""
     return shift_t(torch.rand(B, generator=generator), shift).clamp(lo, hi)
 
-
-def critic_timesteps(kind, B, shift, generator):
-    """The critic's training t (B, 1), one a sample: drawn as the flow loss's ('flow':
-    logit-normal/uniform, shifted) or as the DMD loss's ('dmd': dmd_timestep)."""
-    return sample_t((B, 1), shift, generator) if kind == "flow" else dmd_timestep(B, shift, generator)[:, None]
 
 # -----------------------------------------------------------------------------
 # one training step of each part; batch = (src, tgt, cam_src, cam_tgt) on the device,
@@ -168,21 +163,29 @@ def causal_step(student, opt, batch, g, clip, world=1, autocast=NO_AUTOCAST):
     return f" | loss {loss.item():.4f} | gnorm {gn.item():.2f}"
 
 
-def critic_step(critic, opt_c, student, batch, steps, g, gs, clip, critic_t="flow", world=1, autocast=NO_AUTOCAST):
-    """The fake score: flow matching on a fresh student rollout (detached), drawn as the
-    generator's are (a random exit step), so it scores the distribution DMD moves. Returns the loss."""
+def critic_step(critic, opt_c, xf, batch, g, clip, world=1, autocast=NO_AUTOCAST):
+    """The fake score: one flow-matching update of the critic on the student's own samples xf
+    (B, T, 3, H, W, diffusion space, detached: the generator step's rollout), so it scores the
+    distribution DMD moves, never the truth. Returns the loss."""
     src, _, cam_src, cam_tgt = batch
     (B, T), dev = src.shape[:2], src.device
-    exit_c = int(torch.randint(steps, (1,), generator=gs))
-    with torch.no_grad(), autocast:
-        xf = rollout(student, src, cam_src, cam_tgt, steps, exit_c, g).float()
-    tc = critic_timesteps(critic_t, B, critic.cfg.shift, g).expand(B, T).to(dev)
+    tc = sample_t((B, 1), critic.cfg.shift, g).expand(B, T).to(dev)
     e = torch.randn(xf.shape, generator=g).to(dev)
     with autocast:
         oc = critic(src, add_noise(xf, e, tc), cam_src, cam_tgt, tc)
     loss = flow_loss(oc, xf, e, tc, critic.cfg).mean()
     optimize(critic, opt_c, loss, clip, world)
     return loss
+
+
+def real_score(teacher, src, xt, cam_src, cam_tgt, t, guidance=1.0):
+    """The frozen teacher's x0 at xt; guidance != 1: classifier-free guidance on the camera
+    (model.teacher_sample's), which sharpens what DMD pulls the student toward."""
+    x0 = to_x0(teacher(src, xt, cam_src, cam_tgt, t).float(), xt, t, teacher.cfg)
+    if guidance == 1:
+        return x0
+    x0u = to_x0(teacher(src, xt, cam_src, null_camera(cam_tgt), t).float(), xt, t, teacher.cfg)
+    return x0u + guidance * (x0 - x0u)
 
 
 def recon_loss(x, y, kind="mse", eps=1e-4):
@@ -197,35 +200,39 @@ def recon_loss(x, y, kind="mse", eps=1e-4):
     return torch.log((x - y).pow(2).mean(dim=(2, 3, 4)) + eps).mean()
 
 
-def dmd_step(student, opt, teacher, critic, batch, steps, g, gs, clip, src_grad=False, recon=0.0, world=1,
-             autocast=NO_AUTOCAST, dmd=1.0, recon_kind="mse"):
-    """The generator step: a Self-Forcing rollout (one exit step shared by every chunk and rank,
-    with gradient; src_grad: through the chunk's source encoding too) and two losses on it.
-    recon * recon_loss(rollout, ground truth) (recon_kind "mse" or "psnr"): multi-view data has
-    the true target (DESIGN section 4), and regressing the student's own rollouts on it teaches it
-    to make the right frame from the context it really has when streaming. dmd * DMD: the rollout noised to one t a sample,
-    denoised by the frozen teacher (real) and the critic (fake); the loss moves it toward the
-    real denoising (dmd = 0: no teacher or critic call). The function's defaults are the
-    method's plain DMD; distill.py's command line defaults to --dmd 0 --recon 1 (README, Results)."""
+def dmd_step(student, opt, teacher, critic, batch, steps, g, gs, clip, recon=0.0, world=1, autocast=NO_AUTOCAST,
+             dmd=1.0, recon_kind="mse", opt_c=None, critic_steps=1, guidance=1.0):
+    """One Self-Forcing step: a rollout of the student from its own KV cache (one exit step shared
+    by every chunk and rank keeps gradients), then
+    - with dmd > 0, critic_steps updates of the critic (the fake score) on that rollout, detached
+      (critic_step: one rollout serves both, the step's main cost on a CPU), and the DMD term:
+      the rollout noised to one t a sample and denoised by the frozen teacher (the real score,
+      with classifier-free guidance) and by the critic; dmd_loss moves it toward the real one;
+    - with recon > 0, recon * recon_loss(rollout, the true target): multi-view data has it
+      (DESIGN section 4), and regressing the student's own rollouts teaches it to make the right
+      frame from the context it really has when streaming.
+    Returns (loss, per-sample |g| of DMD, gradient norm, exit step, the critic's last loss)."""
     src, tgt, cam_src, cam_tgt = batch
     (B, T), dev = src.shape[:2], src.device
     exit_step = int(torch.randint(steps, (1,), generator=gs))
     with autocast:
-        x = rollout(student, src, cam_src, cam_tgt, steps, exit_step, g, src_grad).float()
-    loss, gnorm_g = x.new_zeros(()), x.new_zeros(B)
+        x = rollout(student, src, cam_src, cam_tgt, steps, exit_step, g).float()
+    loss, gnorm_g, loss_c = x.new_zeros(()), x.new_zeros(B), x.new_zeros(())
     if dmd > 0:
+        for _ in range(critic_steps):
+            loss_c = critic_step(critic, opt_c, x.detach(), batch, g, clip, world, autocast)
         t = dmd_timestep(B, student.cfg.shift, g)[:, None].expand(B, T).to(dev)
         e = torch.randn(x.shape, generator=g).to(dev)
         with torch.no_grad(), autocast:
             xt = add_noise(x.detach(), e, t)
-            x0_real = to_x0(teacher(src, xt, cam_src, cam_tgt, t).float(), xt, t, teacher.cfg)
+            x0_real = real_score(teacher, src, xt, cam_src, cam_tgt, t, guidance)
             x0_fake = to_x0(critic(src, xt, cam_src, cam_tgt, t).float(), xt, t, critic.cfg)
         loss, gnorm_g = dmd_loss(x, x0_real, x0_fake)
         loss = dmd * loss
     if recon > 0:
         loss = loss + recon * recon_loss(x, encode_target(tgt, src, student.cfg), recon_kind)
     gn = optimize(student, opt, loss, clip, world)
-    return loss, gnorm_g, gn, exit_step
+    return loss, gnorm_g, gn, exit_step, loss_c
 
 
 def ema_update(ema, model, step, decay):
@@ -280,11 +287,9 @@ def parse_args():
                    help="with --minutes and both stages: the causal stage's share of the time (the dmd stage gets the rest)")
     p.add_argument("--lr", type=float, default=5e-5, help="student learning rate (both stages)")
     p.add_argument("--lr_critic", type=float, default=1e-4, help="critic learning rate")
-    p.add_argument("--critic_steps", type=int, default=5, help="critic updates a generator update")
-    p.add_argument("--critic_t", type=str, default="flow", choices=["flow", "dmd"],
-                   help="research: the critic's training timesteps drawn as the flow loss's (flow) or as the DMD loss's (dmd)")
-    p.add_argument("--src_grad", action="store_true",
-                   help="research: the rollout's gradient (reconstruction and/or DMD) also trains the source path (sources encoded with gradient at the exit step)")
+    p.add_argument("--critic_steps", type=int, default=1, help="critic updates a generator update, on its rollout")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale of the teacher's real score (needs a teacher trained with --cond_drop)")
     p.add_argument("--recon", type=float, default=1.0,
                    help="weight of the reconstruction term: mse of the Self-Forcing rollout against the true target")
     p.add_argument("--recon_loss", type=str, default="mse", choices=["mse", "psnr"],
@@ -544,13 +549,9 @@ def main():
                 if stage == "causal":
                     msg += causal_step(student, opt, batch, g, args.clip, world, autocast)
                 else:
-                    loss_c = torch.zeros(())
-                    for _ in range(args.critic_steps if args.dmd > 0 else 0):
-                        loss_c = critic_step(critic, opt_c, student, batch, args.steps, g, gs, args.clip, args.critic_t,
-                                             world, autocast)
-                    loss, gnorm_g, gn, exit_step = dmd_step(student, opt, teacher, critic, batch, args.steps, g, gs,
-                                                            args.clip, args.src_grad, args.recon, world, autocast,
-                                                            args.dmd, args.recon_loss)
+                    loss, gnorm_g, gn, exit_step, loss_c = dmd_step(
+                        student, opt, teacher, critic, batch, args.steps, g, gs, args.clip, args.recon, world, autocast,
+                        args.dmd, args.recon_loss, opt_c, args.critic_steps, args.guidance)
                     msg += (f" | loss {loss.item():.3e} | critic {loss_c.item():.4f} | |g| {gnorm_g.mean().item():.2f}"
                             f" | gnorm {gn.item():.2f} | exit {exit_step}")
                 ema_update(ema, student, step, args.ema)

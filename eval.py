@@ -26,6 +26,7 @@ import data
 from model import SHIPPED_STUDENT, load_model, student_sample, teacher_sample
 
 EVAL_SEED = 2 ** 31 + 7_000_000  # held-out scenes; training draws seeds in [0, 2**31 - 1)
+VAL_SEED = 2 ** 31 + 3_000_000   # training-time evaluation (quick_eval), which selects recipes: its own scenes
 FAMILIES = {
     "static": ["static"], "orbit": ["orbit_left", "orbit_right", "orbit"], "pan": ["pan_left", "pan_right"],
     "tilt": ["tilt_up", "tilt_down"], "dolly": ["dolly_in", "dolly_out"], "zoom": ["zoom_in", "zoom_out"],
@@ -33,14 +34,16 @@ FAMILIES = {
 }
 
 
-def heldout_batch(family, n_clips, T, size):
-    """n_clips held-out clips of T frames whose target follows the family's presets in turn."""
+def heldout_batch(family, n_clips, T, size, seed0=EVAL_SEED, fx=1.0):
+    """n_clips held-out clips of T frames whose target follows the family's presets in turn
+    (scenes from seed0: EVAL_SEED for eval.py, VAL_SEED for the evaluations during training),
+    seen by cameras of focal length fx (in image widths; the training stream draws 0.8..1.2)."""
     fam = list(FAMILIES).index(family)
     clips = []
     for j in range(n_clips):
         rel, zoom = data.preset_path(FAMILIES[family][j % len(FAMILIES[family])], T)
-        seed = EVAL_SEED + 1000 * fam + j
-        clips.append(data.render_clip(seed, T, size, size, rel, zoom, gen=torch.Generator().manual_seed(seed)))
+        seed = seed0 + 1000 * fam + j
+        clips.append(data.render_clip(seed, T, size, size, rel, zoom, gen=torch.Generator().manual_seed(seed), fx=fx))
     return data.collate(clips, DEPTH_KEYS)
 
 
@@ -197,11 +200,12 @@ GEOMETRY = ("orbit", "pan", "dolly", "truck")   # the families whose co-visible 
 
 def quick_eval(model, steps=25, student=False, n_clips=4, T=4, families=GEOMETRY, device="cpu"):
     """Held-out figures during training, per family: co-visible PSNR of samples and of copy,
-    and static PSNR (the identity camera: the answer is the input). Returns ({name: figure},
-    a (source, generated, truth) sample of the first family for a video)."""
+    and static PSNR (the identity camera: the answer is the input), on scenes of its own
+    (VAL_SEED), never eval.py's: what selects recipes during training must not see the test set.
+    Returns ({name: figure}, a (source, generated, truth) sample of the first family for a video)."""
     out, sample = {}, None
     for fam in families + ("static",):
-        b = heldout_batch(fam, n_clips, T, model.cfg.size)
+        b = heldout_batch(fam, n_clips, T, model.cfg.size, VAL_SEED)
         x = generate(model, b, steps, student, device)
         if fam == "static":
             out["static"] = psnr(x, b["tgt"]).mean().item()
@@ -253,6 +257,8 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=str, default=None,
                    help="comma-separated sampling steps (default: 50 for a teacher, 1,2,4 for a student)")
     p.add_argument("--families", type=str, default=",".join(FAMILIES), help="comma-separated trajectory families")
+    p.add_argument("--fx", type=float, default=1.0,
+                   help="focal length of the held-out cameras, in image widths (1 = 53.13 degrees; training draws 0.8..1.2)")
     p.add_argument("--out", type=str, default="runs/eval", help="output folder (created if missing): eval.json, eval.png")
     p.add_argument("--stream", type=int, default=4, help="students: clips of the long orbit stream (0: skip)")
     p.add_argument("--stream_frames", type=int, default=48,
@@ -262,6 +268,8 @@ if __name__ == "__main__":
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     args = p.parse_args()
     data.check_args(args, positive=("clips", "frames"), nonneg=("stream", "loops"))
+    if not 0.1 <= args.fx <= 10:
+        data.fail(f"--fx is a focal length in image widths, 0.1..10, got {args.fx}")
     steps_list = parse_steps(args.steps) if args.steps is not None else None
     if args.stream and args.stream_frames < 3:
         data.fail(f"--stream_frames must be at least 3 (the stream is reported by thirds), got {args.stream_frames}")
@@ -287,7 +295,7 @@ if __name__ == "__main__":
     steps_list = steps_list or ([1, 2, 4] if student else [50])
     kind = "student (block-causal, KV cache)" if student else "teacher (bidirectional, Euler)"
     print(f"{args.ckpt}: {kind}, step {ckpt.get('step')}, {S}x{S}, {args.clips} clips x {args.frames} frames a family")
-    batches = {fam: heldout_batch(fam, args.clips, args.frames, S) for fam in families}
+    batches = {fam: heldout_batch(fam, args.clips, args.frames, S, fx=args.fx) for fam in families}
     runs, strip = [], []
     for steps in steps_list:
         rows, by_frame = {}, []

@@ -486,11 +486,10 @@ def time_rotation(time, n_t, device):
 
 def plane_uv(cam, planes):
     """Where each pixel's ray meets the fronto-parallel planes z = 1 / rho of the source camera
-    (rho in planes; 0 = infinity), projected into a canonical source camera (fx = fy = 1, centre 0):
-    u, v (B, P, F, H, W). cam (B, F, 6, H, W) Plucker maps (o x d, d) in the source camera's frame.
-    The source's own pixels land on themselves: with the data's source intrinsics (focal 1,
-    centre 1/2, in image widths), u + 1/2 is the position in image widths, so 2 u, 2 v are
-    grid_sample's coordinates (align_corners=False)."""
+    (rho in planes; 0 = infinity), as x / z and y / z in the source camera's frame: u, v
+    (B, P, F, H, W). cam (B, F, 6, H, W) Plucker maps (o x d, d) in the source camera's frame.
+    The source's intrinsics turn these into image positions (warp_grid); camera RoPE uses them
+    as they are, which places source and target tokens by the same rule whatever the focal length."""
     m, d = cam[:, :, :3], cam[:, :, 3:]                                          # (B, F, 3, H, W)
     o = torch.cross(d, m, dim=2)                                                 # ray point nearest the origin
     dev = cam.device
@@ -502,6 +501,21 @@ def plane_uv(cam, planes):
     u = rho * ox + (1 - rho * oz) * d[:, None, :, 0] / dz                      # (B, P, F, H, W)
     v = rho * oy + (1 - rho * oz) * d[:, None, :, 1] / dz
     return u, v
+
+
+def source_intrinsics(cam_src):
+    """The intrinsics (fx, fy, cx, cy) (B, F, 4), in image widths and heights, of source frames,
+    read from their own Plucker maps cam_src (B, F, 6, H, W): the source sits at the identity
+    (data.pair_rays), so a pixel's direction is K^-1 (its centre, 1) normalized, and d_x / d_z
+    = (u - cx) / fx is a line in the pixel's column u = (j + 1/2) / W; its slope and offset give
+    fx and cx (likewise rows). Exact for any pinhole camera, so every caller that builds the
+    source's rays (a --fov, a dataset's K) hands the warp head its intrinsics."""
+    d = cam_src[:, :, 3:]
+    H, W = d.shape[-2:]
+    rx, ry = (d[:, :, 0] / d[:, :, 2]).mean(-2), (d[:, :, 1] / d[:, :, 2]).mean(-1)   # (B, F, W), (B, F, H)
+    fx = ((W - 1) / W) / (rx[..., -1] - rx[..., 0])
+    fy = ((H - 1) / H) / (ry[..., -1] - ry[..., 0])
+    return torch.stack([fx, fy, 0.5 / W - fx * rx[..., 0], 0.5 / H - fy * ry[..., 0]], -1)
 
 
 def plane_positions(cam, cfg):
@@ -655,7 +669,7 @@ class RealCamDiT(nn.Module):
             return ang.cos(), ang.sin()
         return const(("rope", time, g, Dh, str(dev)), grid_rope)
 
-    def run(self, x, cam, t, time, role, plan, cache=None):
+    def run(self, x, cam, t, time, role, plan, cache=None, k_src=None):
         """The tensor work of a forward, given its metadata (Python tuples) and attention plan."""
         dev = x.device
         h = self.patch_embed(self.patchify(torch.cat([x, cam], 2)))             # (B, F, L, D)
@@ -672,49 +686,59 @@ class RealCamDiT(nn.Module):
         sh, sc = self.ada_out(c)[:, :, None].chunk(2, -1)
         h = self.norm_out(h) * (1 + sc) + sh
         out = self.unpatchify(self.out(h))                                       # (B, F, 3, H, W)
-        return out + self.warp(h, cam) if self.cfg.warp and 1 in role else out   # source frames: exactly 0
+        if not (self.cfg.warp and 1 in role):                                    # source frames: exactly 0
+            return out
+        if k_src is None:
+            raise ValueError("the warp head needs the source intrinsics k_src (model.source_intrinsics)")
+        return out + self.warp(h, cam, k_src)
 
-    def warp(self, h, cam):
+    def warp(self, h, cam, k_src):
         """The warp head's term (B, F, 3, H, W): gate * (sum_k w_k src(x_k) - src(x)), where x_k is
         where the pixel's ray meets plane k (inverse depth cfg.warp[k]) seen from the source, w =
         softmax of the pixel's plane logits, src the frame's source pixels (cam's first 3
-        channels, zeros for source frames). The network only has to say which depth a pixel is
-        at; the camera moves it there exactly, to a fraction of a pixel, which 4x4-pixel tokens
-        cannot (README, Long stream). A choice between colours, not a flow field: a logit's
-        gradient is the colour its plane would bring, however far away. The gate is linear and
-        starts at 0, so the head starts silent and a network without it is continued unchanged
-        (distill.py --warp). Per pixel: no key or value changes, the KV cache stays exact."""
+        channels, zeros for source frames). x_k is projected with the source's intrinsics k_src
+        (B, F, 4): (fx, fy, cx, cy), source_intrinsics; the target's own intrinsics are in its
+        rays. The network only has to say which depth a pixel is at; the camera moves it there
+        exactly, to a fraction of a pixel, which 4x4-pixel tokens cannot (DESIGN.md section 3).
+        A choice between colours, not a flow field: a logit's gradient is the colour its plane
+        would bring, however far away. The gate is linear and starts at 0, so the head starts
+        silent and a network without it is continued unchanged (distill.py --warp). Per pixel:
+        no key or value changes, the KV cache stays exact."""
         cfg, (B, Fr, _, H, W) = self.cfg, cam.shape
         K = len(cfg.warp)
         o = self.unpatchify(self.warp_out(h)).flatten(0, 1)                      # (BF, K + 1, H, W)
         u, v = plane_uv(cam[:, :, -6:], cfg.warp)                               # (B, K, F, H, W)
-        grid = torch.stack([2 * u, 2 * v], -1).transpose(1, 2).flatten(0, 2)     # (BFK, H, W, 2); see plane_uv
+        fx, fy, cx, cy = (k[:, None, :, None, None] for k in k_src.to(u.dtype).unbind(-1))
+        grid = torch.stack([2 * (fx * u + cx) - 1, 2 * (fy * v + cy) - 1], -1)  # grid_sample's [-1, 1]
+        grid = grid.transpose(1, 2).flatten(0, 2)                               # (BFK, H, W, 2)
         src = cam[:, :, :3].flatten(0, 1)                                        # (BF, 3, H, W)
         seen = F.grid_sample(src.repeat_interleave(K, 0), grid, mode="bilinear", padding_mode="border",
                              align_corners=False).view(B * Fr, K, 3, H, W)
         mix = (o[:, :K].softmax(1)[:, :, None] * seen).sum(1)
         return (o[:, K:] * (mix - src)).view(B, Fr, 3, H, W)
 
-    def forward_frames(self, x, cam, t, time, role, causal, cache=None, write=False):
+    def forward_frames(self, x, cam, t, time, role, causal, cache=None, write=False, k_src=None):
         """Core forward over F frames with per-frame metadata.
         x (B, F, 3, H, W) pixels or noisy x_t; cam (B, F, C, H, W): the frame's conditioning
         channels (frame_cond: Plucker rays, after the pair's source pixels if cfg.src_concat);
         t (B, F) noise levels; time (F,) pair index (absolute), role (F,) 0 source / 1 target:
         Python ranges, lists or tuples (a CUDA tensor costs a host sync).
         With a cache (causal only), the frames (one chunk) attend to the cached tokens too;
-        write=True makes them part of the cache.
+        write=True makes them part of the cache. k_src (B, F, 4): each frame's source intrinsics
+        (source_intrinsics), which the warp head needs for target frames.
         Returns the network's prediction (B, F, 3, H, W): v, or x0 (cfg.pred); to_x0 converts."""
         time, role = ints(time), ints(role)
         if cache is None:
             plan = full_plan(time, role, causal, self.cfg, self.grid ** 2, x.device)
-            return self.run(x, cam, t, time, role, plan)
+            return self.run(x, cam, t, time, role, plan, k_src=k_src)
         assert causal, "a KV-cached pass is block-causal"
         plan = cache.begin(time, role, write)
-        run = lambda x, cam, t: self.run(x, cam, t, plan.rel_time, role, plan, cache)
+        k = k_src if k_src is not None else x.new_zeros(x.shape[0], x.shape[1], 4)   # a graph's inputs are tensors
+        run = lambda x, cam, t, k: self.run(x, cam, t, plan.rel_time, role, plan, cache, k if k_src is not None else None)
         if cache.graphs and x.is_cuda and plan.steady and not torch.is_grad_enabled():
-            out = cache.replay(run, plan, x, cam, t)
+            out = cache.replay(run, plan, x, cam, t, k)
         else:
-            out = run(x, cam, t)
+            out = run(x, cam, t, k)
         cache.end(plan, role, write)
         return out
 
@@ -731,7 +755,8 @@ class RealCamDiT(nn.Module):
         cam = torch.cat([frame_cond(self.cfg, None, cam_src), frame_cond(self.cfg, src, cam_tgt)], 1)
         tt = torch.cat([torch.zeros_like(t), t], 1)                               # (B, 2T)
         time, role = tuple(range(time0, time0 + T)) * 2, (0,) * T + (1,) * T
-        return self.forward_frames(x, cam, tt, time, role, causal)[:, T:]
+        k = torch.cat([source_intrinsics(cam_src)] * 2, 1) if self.cfg.warp else None
+        return self.forward_frames(x, cam, tt, time, role, causal, k_src=k)[:, T:]
 
 
 def compile_blocks(model, **kw):
@@ -791,8 +816,10 @@ def frame_cond(cfg, src, cam):
 # samplers
 
 @torch.no_grad()
-def teacher_sample(model, src, cam_src, cam_tgt, steps=50, generator=None, noise=None):
-    """Bidirectional Euler ODE sampler from t = 1 to 0 over all T pairs at once.
+def teacher_sample(model, src, cam_src, cam_tgt, steps=50, generator=None, noise=None, guidance=1.0):
+    """Bidirectional Euler ODE sampler from t = 1 to 0 over all T pairs at once. guidance != 1:
+    classifier-free guidance on the camera, x0 = x0(no camera) + guidance (x0(camera) - x0(no
+    camera)), the camera withheld as zero rays (NULL_CAMERA: how teacher.py --cond_drop trains it).
     Returns target pixels (B, T, 3, H, W)."""
     cfg = model.cfg
     x = noise if noise is not None else torch.randn(src.shape, generator=generator, device=src.device)
@@ -800,8 +827,16 @@ def teacher_sample(model, src, cam_src, cam_tgt, steps=50, generator=None, noise
     for i in range(steps):
         t = ts[i].expand(src.shape[:2])
         x0 = to_x0(model(src, x, cam_src, cam_tgt, t), x, t, cfg)
+        if guidance != 1:
+            x0u = to_x0(model(src, x, cam_src, null_camera(cam_tgt), t), x, t, cfg)
+            x0 = x0u + guidance * (x0 - x0u)
         x = x0 + (ts[i + 1] / ts[i]) * (x - x0)        # Euler: x + (t' - t) v with v = (x - x0) / t
     return decode_target(x, src, cfg)
+
+
+def null_camera(cam_tgt):
+    """The withheld camera of classifier-free guidance: zero rays (no real ray has d = 0)."""
+    return torch.zeros_like(cam_tgt)
 
 
 def student_timesteps(steps, shift):
@@ -817,22 +852,22 @@ def chunk_pass(model, cache, src, x, cam_src, cam_tgt, t, time, write, with_src=
     (once, see student_chunk) and only the targets run; otherwise, or with_src, sources and
     targets run together (the sources then encoded in this pass)."""
     n, cfg, time = x.shape[1], model.cfg, ints(time)
+    k = source_intrinsics(cam_src) if cfg.warp else None                      # the warp head's
     if not cfg.src_sees_tgt and not with_src:
-        return model.forward_frames(x, frame_cond(cfg, src, cam_tgt), t, time, (1,) * n, True, cache, write)
+        return model.forward_frames(x, frame_cond(cfg, src, cam_tgt), t, time, (1,) * n, True, cache, write, k)
     out = model.forward_frames(torch.cat([src, x], 1), torch.cat([frame_cond(cfg, None, cam_src), frame_cond(cfg, src, cam_tgt)], 1),
-                               torch.cat([torch.zeros_like(t), t], 1), time * 2, (0,) * n + (1,) * n, True, cache, write)
+                               torch.cat([torch.zeros_like(t), t], 1), time * 2, (0,) * n + (1,) * n, True, cache, write,
+                               None if k is None else torch.cat([k, k], 1))
     return out[:, n:]
 
 
-def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_step=None, src_grad=False):
+def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_step=None):
     """Generate one chunk of n target frames with the student's KV cache, in diffusion space.
     src (B, n, 3, H, W), cam_* (B, n, 6, H, W), time (n,) absolute pair indices (a range or a
     list; a CUDA tensor costs one host sync), noise (steps, B, n, 3, H, W): the starting noise
     and the fresh noise of each re-noising.
     Runs steps 0..exit_step (default: all); only the last of them keeps gradients (when grad
-    is enabled), then a t = 0 pass without gradient writes the chunk's clean keys and values.
-    src_grad (training): the chunk's sources are not cached once but encoded inside every pass,
-    so the exit step's gradient also reaches the source path (the same outputs, more compute)."""
+    is enabled), then a t = 0 pass without gradient writes the chunk's clean keys and values."""
     B, n = src.shape[:2]
     time = ints(time)
     ts = student_timesteps(steps, model.cfg.shift)
@@ -840,17 +875,17 @@ def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_
     grad = torch.is_grad_enabled()
     zeros = torch.zeros(B, n, device=src.device)
     with torch.no_grad():
-        if not model.cfg.src_sees_tgt and not src_grad:                      # encode the source once
+        if not model.cfg.src_sees_tgt:                                        # encode the source once
             model.forward_frames(src, frame_cond(model.cfg, None, cam_src), zeros, time, (0,) * n, True, cache, True)
     x = noise[0]
     for j in range(last + 1):
         with torch.set_grad_enabled(grad and j == last):
-            out = chunk_pass(model, cache, src, x, cam_src, cam_tgt, zeros + ts[j], time, False, src_grad)
+            out = chunk_pass(model, cache, src, x, cam_src, cam_tgt, zeros + ts[j], time, False)
             x0 = to_x0(out, x, zeros + ts[j], model.cfg)                      # x0 = x_t - t v (or predicted)
         if j < last:
             x = (1 - ts[j + 1]) * x0 + ts[j + 1] * noise[j + 1]             # re-noise to t_{j+1}
     with torch.no_grad():
-        chunk_pass(model, cache, src, x0.detach(), cam_src, cam_tgt, zeros, time, True, src_grad)   # clean KV
+        chunk_pass(model, cache, src, x0.detach(), cam_src, cam_tgt, zeros, time, True)   # clean KV
     return x0
 
 

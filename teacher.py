@@ -29,7 +29,7 @@ from tqdm import tqdm
 import data
 from eval import format_quick, quick_eval, save_sample_video, save_strip
 from model import (PRESETS, WARP_PLANES, Config, RealCamDiT, StopFlag, add_noise, attention_pairs, autocast_for,
-                   compile_blocks, default_device, encode_target, flops_per_forward, flow_loss, load_checkpoint,
+                   compile_blocks, default_device, encode_target, flops_per_forward, flow_loss, load_checkpoint, null_camera,
                    num_params, peak_flops, sample_t, save_checkpoint)
 
 DEFAULT_STEPS = {"tiny": 300, "small": 8000, "base": 100_000}
@@ -71,6 +71,8 @@ p.add_argument("--min_lr_frac", type=float, default=0.1, help="cosine decay to t
 p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
 p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (L2 norm)")
 p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights (per step)")
+p.add_argument("--cond_drop", type=float, default=0.0,
+               help="share of clips trained without their camera (zero rays), for classifier-free guidance, 0..1")
 # io and runtime
 p.add_argument("--out", type=str, default="runs/teacher", help="output folder (ckpt.pt, log.txt, evals.jsonl, samples, summary.json)")
 p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
@@ -92,6 +94,8 @@ if args.minutes is not None and not args.minutes > 0:
     data.fail(f"--minutes must be positive, got {args.minutes}")
 if not (args.lr > 0 and args.clip > 0 and args.weight_decay >= 0 and 0 <= args.ema < 1 and 0 <= args.min_lr_frac <= 1):
     data.fail("--lr and --clip must be positive, --weight_decay non-negative, --ema in [0, 1), --min_lr_frac in [0, 1]")
+if not 0 <= args.cond_drop < 1:
+    data.fail(f"--cond_drop is a share of the clips, 0..1, got {args.cond_drop}")
 if not 0 <= args.static_share <= 1:
     data.fail(f"--static_share is a share of the clips, 0..1, got {args.static_share}")
 try:
@@ -267,6 +271,9 @@ try:
         x0 = encode_target(tgt, src, cfg)
         e = torch.randn(x0.shape, generator=g).to(args.device)
         t = sample_t((B, 1), cfg.shift, g).expand(B, T).to(args.device)     # one t a clip
+        if args.cond_drop:                                                   # drawn after e and t: the same
+            drop = (torch.rand(B, generator=g) < args.cond_drop).to(args.device)   # batches and noise as without
+            cam_tgt = torch.where(drop[:, None, None, None, None], null_camera(cam_tgt), cam_tgt)
         with autocast:
             out = net(src, add_noise(x0, e, t), cam_src, cam_tgt, t)
         loss = flow_loss(out, x0, e, t, cfg).mean()                           # target tokens only

@@ -124,12 +124,15 @@ def test_warp_head_starts_as_the_network_without_it():
     assert torch.allclose(m(src, xt, cs, ct, t), plain(src, xt, cs, ct, t), atol=1e-6)
 
 
-@pytest.mark.parametrize("k", [0, 4, 7])
-def test_warp_head_moves_the_source_as_the_plane_says(k):
+@pytest.mark.parametrize("k,K_src,K_tgt", [(0, (1.0, 1.0, 0.5, 0.5), (1.0, 1.0, 0.5, 0.5)),
+                                         (4, (0.8, 0.8, 0.5, 0.5), (0.8, 0.8, 0.5, 0.5)),
+                                         (7, (1.2, 1.1, 0.45, 0.55), (0.9, 0.95, 0.52, 0.48))])
+def test_warp_head_moves_the_source_as_the_plane_says(k, K_src, K_tgt):
     """Known answer: a target camera moved and turned against the source, a scene that is the
     fronto-parallel plane z = 1 / rho_k. With the gate open (1) and every pixel's choice on plane
     k, the output is the source resampled where data.reproject sends each target pixel: the
-    depth-warp oracle of that scene."""
+    depth-warp oracle of that scene, for any intrinsics of source and target (focal lengths other
+    than 1, off-centre principal points: the source's are read from its rays)."""
     import data
     cfg = replace(TINY, warp=model.WARP_PLANES)
     m, p, S, P = RealCamDiT(cfg), cfg.patch, cfg.size, len(cfg.warp)
@@ -137,20 +140,33 @@ def test_warp_head_moves_the_source_as_the_plane_says(k):
         b = m.warp_out.bias.view(P + 1, p, p)
         b[k], b[P] = 50.0, 1.0                                   # one-hot plane k, gate 1
     rel = data.camera_path(yaw=0.1, pitch=-0.05, move=(0.15, 0.05, 0.1), n=1)[0]   # (1, 4, 4)
-    K = torch.tensor([[1.0, 1.0, 0.5, 0.5]])
-    _, ct = data.pair_rays(rel[None], K[None], K[None], S, S)
+    Ks, Kt = torch.tensor([K_src]), torch.tensor([K_tgt])
+    cs, ct = data.pair_rays(rel[None], Ks[None], Kt[None], S, S)
+    assert torch.allclose(model.source_intrinsics(cs), Ks[None], atol=1e-5)
     src = torch.randn(1, 1, 3, S, S)
     cam = model.frame_cond(cfg, src, ct)
-    got = src + m.warp(torch.zeros(1, 1, (S // p) ** 2, cfg.dim), cam)
+    got = src + m.warp(torch.zeros(1, 1, (S // p) ** 2, cfg.dim), cam, model.source_intrinsics(cs))
     # the plane's z-depth seen from the target: its ray (x, y, 1) in the target frame, R (x, y, 1) in
     # the source's, meets z = 1 / rho after (1 / rho - c_z) / (R (x, y, 1))_z
-    px = (torch.arange(S) + 0.5) / S - 0.5
-    ray = torch.stack([px.expand(S, S), px[:, None].expand(S, S), torch.ones(S, S)], -1)   # (H, W, 3)
+    fx, fy, cx, cy = K_tgt
+    px = ((torch.arange(S) + 0.5) / S - cx) / fx
+    py = ((torch.arange(S) + 0.5) / S - cy) / fy
+    ray = torch.stack([px.expand(S, S), py[:, None].expand(S, S), torch.ones(S, S)], -1)   # (H, W, 3)
     R, c = rel[0, :3, :3], rel[0, :3, 3]
     depth = ((1 / cfg.warp[k] - c[2]) / (ray @ R.T)[..., 2] if cfg.warp[k] else torch.full((S, S), float("inf")))[None, None]
-    uv, _, _ = data.reproject(depth, rel[None], K[None], K[None])
+    uv, _, _ = data.reproject(depth, rel[None], Ks[None], Kt[None])
     want = data.warp_source(src, uv * 2 - 1)
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_warp_head_needs_the_source_intrinsics():
+    """A target pass of a network with the warp head and no source intrinsics is an error, not a
+    silent guess of them."""
+    cfg = replace(TINY, warp=model.WARP_PLANES)
+    m = RealCamDiT(cfg)
+    src, xt, cs, ct, t = inputs(1, 2)
+    with pytest.raises(ValueError, match="source intrinsics"):
+        m.forward_frames(xt, model.frame_cond(cfg, src, ct), t, (0, 1), (1, 1), False)
 
 
 def test_masks():
@@ -168,6 +184,7 @@ def stream(m, src, x0, xt, cs, ct, t, source_once):
     (clean earlier chunks), then a pass with the clean targets at t = 0 writes the chunk."""
     cfg, (B, T) = m.cfg, src.shape[:2]
     cache, outs = KVCache(cfg), []
+    k = model.source_intrinsics(cs)                                              # the warp head's (B, T, 4)
     cs, ct = model.frame_cond(cfg, None, cs), model.frame_cond(cfg, src, ct)   # + source pixels if src_concat
     for c0 in range(0, T, cfg.chunk):
         sl = slice(c0, min(T, c0 + cfg.chunk))
@@ -175,14 +192,16 @@ def stream(m, src, x0, xt, cs, ct, t, source_once):
         time = torch.arange(sl.start, sl.stop)
         if source_once:   # source tokens never see targets: encode them once, then the targets
             m.forward_frames(src[:, sl], cs[:, sl], torch.zeros(B, n), time, torch.zeros(n, dtype=torch.long), True, cache, True)
-            outs.append(m.forward_frames(xt[:, sl], ct[:, sl], t[:, sl], time, torch.ones(n, dtype=torch.long), True, cache, False))
-            m.forward_frames(x0[:, sl], ct[:, sl], torch.zeros(B, n), time, torch.ones(n, dtype=torch.long), True, cache, True)
+            outs.append(m.forward_frames(xt[:, sl], ct[:, sl], t[:, sl], time, torch.ones(n, dtype=torch.long), True, cache, False,
+                                         k[:, sl]))
+            m.forward_frames(x0[:, sl], ct[:, sl], torch.zeros(B, n), time, torch.ones(n, dtype=torch.long), True, cache, True, k[:, sl])
         else:
             pair = lambda a, b: torch.stack([a, b], 2).flatten(1, 2)
             tt, rr = time.repeat_interleave(2), torch.tensor([0, 1]).repeat(n)
+            kk = pair(k[:, sl], k[:, sl])
             outs.append(m.forward_frames(pair(src[:, sl], xt[:, sl]), pair(cs[:, sl], ct[:, sl]),
-                                         pair(torch.zeros(B, n), t[:, sl]), tt, rr, True, cache, False)[:, 1::2])
-            m.forward_frames(pair(src[:, sl], x0[:, sl]), pair(cs[:, sl], ct[:, sl]), torch.zeros(B, 2 * n), tt, rr, True, cache, True)
+                                         pair(torch.zeros(B, n), t[:, sl]), tt, rr, True, cache, False, kk)[:, 1::2])
+            m.forward_frames(pair(src[:, sl], x0[:, sl]), pair(cs[:, sl], ct[:, sl]), torch.zeros(B, 2 * n), tt, rr, True, cache, True, kk)
     return torch.cat(outs, 1), cache
 
 

@@ -7,11 +7,10 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import data
 from conftest import ROOT
-from model import PRESETS, RealCamDiT, add_noise, encode_target, load_checkpoint, load_model
+from model import PRESETS, RealCamDiT, add_noise, encode_target, flow_loss, load_checkpoint, load_model
 
 TINY = PRESETS["tiny"]
 
@@ -28,7 +27,7 @@ def test_tiny_teacher_overfits_one_batch():
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
     losses = []
     for _ in range(300):
-        loss = F.mse_loss(m(b["src"], add_noise(x0, e, t), cs, ct, t), e - x0)
+        loss = flow_loss(m(b["src"], add_noise(x0, e, t), cs, ct, t), x0, e, t, cfg).mean()   # as teacher.py trains
         opt.zero_grad()
         loss.backward()
         opt.step()
