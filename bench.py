@@ -22,12 +22,14 @@ from dataclasses import replace
 
 import torch
 
+import camera
 import data
-from model import (PRESETS, SHIPPED_STUDENT, KVCache, RealCamDiT, add_noise, attention_pairs, autocast_for,
-                   compile_blocks, default_device, flops_per_forward, flow_loss, load_model, peak_flops, sample_t,
-                   student_chunk, teacher_sample)
+from attention import KVCache, attention_pairs
+from common import ArgumentParser, autocast_for, check_args, check_device, check_out_dir, default_device, fail, peak_flops
+from model import (PRESETS, SHIPPED_STUDENT, RealCamDiT, add_noise, compile_blocks, flops_per_forward, flow_loss,
+                   load_model, sample_t, student_chunk, teacher_sample)
 
-p = data.ArgumentParser(description="RealCam-min speed benchmark.")
+p = ArgumentParser(description="RealCam-min speed benchmark.")
 p.add_argument("--preset", type=str, default="small", help=f"model preset (random weights) when --ckpt '': {', '.join(PRESETS)}")
 p.add_argument("--ckpt", type=str, default=SHIPPED_STUDENT,
                help="benchmark this checkpoint's model (default: the shipped student, checkpoints/student_small.pt; "
@@ -45,11 +47,11 @@ p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False
 p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                help="replay the student's steady-state passes from CUDA graphs (default: on for CUDA)")
 args = p.parse_args()
-data.check_args(args, positive=("frames", "long", "teacher_steps", "train_pairs"), nonneg=("window",))
+check_args(args, positive=("frames", "long", "teacher_steps", "train_pairs"), nonneg=("window",))
 if not args.ckpt and args.preset not in PRESETS:
-    data.fail(f"unknown --preset '{args.preset}': choose from {', '.join(PRESETS)}")
-data.check_device(args.device)
-data.check_out_dir(args.out)
+    fail(f"unknown --preset '{args.preset}': choose from {', '.join(PRESETS)}")
+check_device(args.device)
+check_out_dir(args.out)
 
 dev, cuda = args.device, args.device.startswith("cuda")
 if args.ckpt:
@@ -59,9 +61,9 @@ if args.ckpt:
         hint = ("the shipped student is part of the repository: restore it with git checkout -- checkpoints/"
                 if os.path.abspath(args.ckpt) == SHIPPED_STUDENT else
                 "or benchmark random weights of a preset: --ckpt '' --preset small")
-        data.fail(f"{e} ({hint})")
+        fail(f"{e} ({hint})")
     except ValueError as e:
-        data.fail(e)
+        fail(e)
 else:
     torch.manual_seed(0)
     model = RealCamDiT(PRESETS[args.preset]).to(dev).eval()
@@ -83,12 +85,12 @@ def sync():
 
 def rays(rel, n):
     K = torch.tensor([1.0, 1.0, 0.5, 0.5], device=dev).expand(1, n, 4)
-    return data.pair_rays(rel[None].to(dev), K, K, S, S)
+    return camera.pair_rays(rel[None].to(dev), K, K, S, S)
 
 
 cache = KVCache(cfg, graphs=graphs)                # one cache: its buffers and CUDA graphs serve every stream
 src = torch.randn(1, cfg.chunk, 3, S, S, device=dev)
-cs, ct = rays(data.preset_path("orbit_left", cfg.chunk)[0], cfg.chunk)
+cs, ct = rays(camera.preset_path("orbit_left", cfg.chunk)[0], cfg.chunk)
 
 
 @torch.no_grad()
@@ -119,7 +121,7 @@ for steps in (1, 2, 4):
                                          steady_ms=1000 * steady.median().item())
 # teacher: all frames at once, bidirectional, 50 steps; nothing comes out before the end
 srcT = torch.randn(1, args.frames, 3, S, S, device=dev)
-csT, ctT = rays(data.preset_path("orbit_left", args.frames)[0], args.frames)
+csT, ctT = rays(camera.preset_path("orbit_left", args.frames)[0], args.frames)
 with torch.no_grad(), autocast:
     teacher_sample(model, srcT, csT, ctT, 2)                        # warm-up with the timed shapes
     sync()
@@ -143,7 +145,7 @@ for i in range(3):
     sync()
     t0 = time.perf_counter()
     b = data.synthetic_batch(1, pairs, 4, S, S, device=dev)         # T drawn from 1..4
-    cs_b, ct_b = data.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
+    cs_b, ct_b = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
     sync()
     render_s.append(time.perf_counter() - t0)
 B, T = b["src"].shape[:2]
@@ -156,7 +158,7 @@ for i in range(6):                                                 # 2 untimed (
     e = torch.randn_like(x0)
     with autocast:
         out = train(srcb, add_noise(x0, e, t), cs_b, ct_b, t)
-    loss = flow_loss(out, x0, e, t, cfg).mean()
+    loss = flow_loss(out, x0, t, cfg).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

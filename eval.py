@@ -14,7 +14,6 @@ runs/eval/eval.json and eval.png (--out).
     python eval.py --ckpt runs/teacher/ckpt.pt
     python eval.py --ckpt runs/teacher/ckpt.pt --clips 2 --frames 4 --steps 10   # quick look
 """
-import argparse
 import json
 import os
 import time
@@ -22,7 +21,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+import camera
 import data
+import render
+from common import ArgumentParser, check_args, check_device, check_out_dir, default_device, fail
 from model import SHIPPED_STUDENT, load_model, student_sample, teacher_sample
 
 EVAL_SEED = 2 ** 31 + 7_000_000  # held-out scenes; training draws seeds in [0, 2**31 - 1)
@@ -41,9 +43,9 @@ def heldout_batch(family, n_clips, T, size, seed0=EVAL_SEED, fx=1.0):
     fam = list(FAMILIES).index(family)
     clips = []
     for j in range(n_clips):
-        rel, zoom = data.preset_path(FAMILIES[family][j % len(FAMILIES[family])], T)
+        rel, zoom = camera.preset_path(FAMILIES[family][j % len(FAMILIES[family])], T)
         seed = seed0 + 1000 * fam + j
-        clips.append(data.render_clip(seed, T, size, size, rel, zoom, gen=torch.Generator().manual_seed(seed), fx=fx))
+        clips.append(render.render_clip(seed, T, size, size, rel, zoom, gen=torch.Generator().manual_seed(seed), fx=fx))
     return data.collate(clips, DEPTH_KEYS)
 
 
@@ -52,11 +54,11 @@ DEPTH_KEYS = ("src", "tgt", "rel", "K_src", "K_tgt", "depth_src", "depth_tgt")
 
 def stream_batch(n_clips, T, size, traj="orbit"):
     """Held-out long streams: a moving source (as any video) and a T-frame preset path."""
-    rel, zoom = data.preset_path(traj, T)
+    rel, zoom = camera.preset_path(traj, T)
     clips = []
     for j in range(n_clips):
         seed = EVAL_SEED + 900_000 + j
-        clips.append(data.render_clip(seed, T, size, size, rel, zoom, gen=torch.Generator().manual_seed(seed)))
+        clips.append(render.render_clip(seed, T, size, size, rel, zoom, gen=torch.Generator().manual_seed(seed)))
     return data.collate(clips, DEPTH_KEYS)
 
 
@@ -71,10 +73,10 @@ def loop_path(name, L):
     right and back), 'pan' and 'dolly' (out and back). Returns rel, zoom and the (i, j) frame
     pairs that share a pose (identity excluded: there the target is the source)."""
     if name == "orbit":
-        (rl, zl), (rr, zr) = out_and_back(*data.preset_path("orbit_left", L)), out_and_back(*data.preset_path("orbit_right", L))
+        (rl, zl), (rr, zr) = out_and_back(*camera.preset_path("orbit_left", L)), out_and_back(*camera.preset_path("orbit_right", L))
         rel, zoom = torch.cat([rl, rr[1:]]), torch.cat([zl, zr[1:]])
     else:
-        rel, zoom = out_and_back(*data.preset_path({"pan": "pan_left", "dolly": "dolly_in"}[name], L))
+        rel, zoom = out_and_back(*camera.preset_path({"pan": "pan_left", "dolly": "dolly_in"}[name], L))
     eye = torch.eye(4)
     pairs = [(i, j) for i in range(len(rel)) for j in range(i + 1, len(rel))
              if torch.allclose(rel[i], rel[j], atol=1e-6) and not torch.allclose(rel[i], eye, atol=1e-6)]
@@ -89,8 +91,8 @@ def loop_batch(name, n_clips, L, size):
     for j in range(n_clips):
         seed = EVAL_SEED + 500_000 + 1000 * list(LOOPS).index(name) + j
         g = torch.Generator().manual_seed(seed)
-        src_c2w = data.source_path(1, g).expand(len(rel), 4, 4)
-        clips.append(data.render_clip(seed, len(rel), size, size, rel, zoom, src_c2w=src_c2w, gen=g, frozen=True))
+        src_c2w = render.source_path(1, g).expand(len(rel), 4, 4)
+        clips.append(render.render_clip(seed, len(rel), size, size, rel, zoom, src_c2w=src_c2w, gen=g, frozen=True))
     return data.collate(clips), pairs
 
 
@@ -127,8 +129,8 @@ def view_metrics(x, b):
     """PSNR of generated targets x against the truth on all, co-visible and other (disoccluded)
     pixels, for x, copy-the-source and (co-visible) the depth-warp oracle; clip means."""
     y, s = b["tgt"], b["src"]
-    covis, grid = data.covisibility(b["depth_src"], b["depth_tgt"], b["rel"], b["K_src"], b["K_tgt"])
-    oracle = data.warp_source(s, grid)
+    covis, grid = camera.covisibility(b["depth_src"], b["depth_tgt"], b["rel"], b["K_src"], b["K_tgt"])
+    oracle = camera.warp_source(s, grid)
     r = {}
     for name, v in (("", x), ("_copy", s)):
         r["psnr" + name] = psnr(v, y).mean().item()
@@ -181,7 +183,7 @@ def detail(x, y, by_frame=False):
 
 
 def rays(batch, size, device):
-    return [c.to(device) for c in data.pair_rays(batch["rel"], batch["K_src"], batch["K_tgt"], size, size)]
+    return [c.to(device) for c in camera.pair_rays(batch["rel"], batch["K_src"], batch["K_tgt"], size, size)]
 
 
 @torch.no_grad()
@@ -242,14 +244,14 @@ def parse_steps(text):
     try:
         steps = [int(v) for v in text.split(",")]
     except ValueError:
-        data.fail(f"--steps takes comma-separated whole numbers (e.g. 1,2,4), got '{text}'")
+        fail(f"--steps takes comma-separated whole numbers (e.g. 1,2,4), got '{text}'")
     if any(v < 1 for v in steps):
-        data.fail(f"--steps must be at least 1, got {text}")
+        fail(f"--steps must be at least 1, got {text}")
     return steps
 
 
 if __name__ == "__main__":
-    p = data.ArgumentParser(description="Evaluate a RealCam-min checkpoint on held-out scenes.")
+    p = ArgumentParser(description="Evaluate a RealCam-min checkpoint on held-out scenes.")
     p.add_argument("--ckpt", type=str, default=SHIPPED_STUDENT,
                    help="checkpoint, teacher or student (default: the shipped student, checkpoints/student_small.pt)")
     p.add_argument("--clips", type=int, default=6, help="held-out clips a family")
@@ -265,31 +267,31 @@ if __name__ == "__main__":
                    help="frames of the long orbit stream (at least 3: reported by thirds)")
     p.add_argument("--loops", type=int, default=0, help="also run the loop benchmark: clips a loop (0: skip)")
     p.add_argument("--loop_length", type=int, default=13, help="frames of each outbound half of a loop (at least 3)")
-    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", type=str, default=default_device(), help="cpu, cuda or cuda:N (default: cuda if available)")
     args = p.parse_args()
-    data.check_args(args, positive=("clips", "frames"), nonneg=("stream", "loops"))
+    check_args(args, positive=("clips", "frames"), nonneg=("stream", "loops"))
     if not 0.1 <= args.fx <= 10:
-        data.fail(f"--fx is a focal length in image widths, 0.1..10, got {args.fx}")
+        fail(f"--fx is a focal length in image widths, 0.1..10, got {args.fx}")
     steps_list = parse_steps(args.steps) if args.steps is not None else None
     if args.stream and args.stream_frames < 3:
-        data.fail(f"--stream_frames must be at least 3 (the stream is reported by thirds), got {args.stream_frames}")
+        fail(f"--stream_frames must be at least 3 (the stream is reported by thirds), got {args.stream_frames}")
     if args.loops and args.loop_length < 3:
-        data.fail(f"--loop_length must be at least 3 (a shorter loop revisits no pose but the identity), got {args.loop_length}")
+        fail(f"--loop_length must be at least 3 (a shorter loop revisits no pose but the identity), got {args.loop_length}")
     families = args.families.split(",")
     for f in families:
         if f not in FAMILIES:
-            data.fail(f"unknown family '{f}': choose from {', '.join(FAMILIES)}")
-    data.check_device(args.device)
-    data.check_out_dir(args.out)
+            fail(f"unknown family '{f}': choose from {', '.join(FAMILIES)}")
+    check_device(args.device)
+    check_out_dir(args.out)
     try:
         model, ckpt = load_model(args.ckpt, args.device)
     except FileNotFoundError as e:
         hint = ("the shipped student is part of the repository: restore it with git checkout -- checkpoints/"
                 if os.path.abspath(args.ckpt) == SHIPPED_STUDENT else
                 "train a teacher with teacher.py and a student with distill.py, or leave --ckpt out for the shipped student")
-        data.fail(f"{e} ({hint})")
+        fail(f"{e} ({hint})")
     except ValueError as e:
-        data.fail(e)
+        fail(e)
     student = "student" in ckpt
     S = model.cfg.size
     steps_list = steps_list or ([1, 2, 4] if student else [50])

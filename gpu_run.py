@@ -9,11 +9,12 @@ recipe at the shipped size with a GPU's compute, and runs the rest of the CUDA p
 Stages, each with a time limit inside the budget; the run goes on past a failed stage where it
 can and reports every stage in summary.json:
   1. env           Python, torch, CUDA, the GPU and its memory, the packages, a timed bf16 matmul
-  2. teacher       teacher.py --preset small --warp --minutes M (blocks compiled; rerun eager if compiling fails),
+  2. teacher       teacher.py --preset small --minutes M (the shipped recipe, warp head included; blocks compiled;
+                   rerun eager if compiling fails),
                    evaluated every 500 steps: its learning curve goes into summary.json
   3. eval teacher  eval.py at 1 and 50 steps: the co-visible gain, to set beside the CPU-trained teacher's
   4. causal        distill.py --stage causal for a share of --student_minutes
-  5. self-forcing  distill.py --stage dmd (reconstruction, LoopAug from --data when given) for the rest
+  5. self-forcing  distill.py --stage selfforcing (reconstruction, LoopAug from --data when given) for the rest
   6. eval student  eval.py with the long orbit stream and the loops
   7. bench         bench.py on --bench_preset (random weights): student steps with CUDA graphs, teacher,
                    long stream, training step with MFU
@@ -22,7 +23,6 @@ Into --out go at most 8 files (16 MiB each at most), each as soon as its stage e
 summary.json, teacher.pt and student.pt (float16 release files), teacher_eval.json,
 student_eval.json, student_eval.png, bench.json. Checkpoints and everything else stay in --work.
 """
-import argparse
 import importlib.metadata
 import json
 import os
@@ -32,15 +32,12 @@ import subprocess
 import sys
 import time
 
+try:
+    from common import ArgumentParser, fail
+except ImportError as e:                                  # torch missing: common.py needs it
+    raise SystemExit(f"error: {e} (the GPU run needs torch: pip install torch)")
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-class ArgumentParser(argparse.ArgumentParser):
-    """Usage errors in one `error:` line, as data.ArgumentParser (data.py imports torch, which this
-    script checks for itself)."""
-
-    def error(self, message):
-        raise SystemExit(f"error: {message} (see --help)")
-
 
 p = ArgumentParser(description="The prepared single-GPU run of RealCam-min.")
 p.add_argument("--out", type=str, default="runs/gpu", help="output folder: the files to bring back (at most 8)")
@@ -58,8 +55,6 @@ p.add_argument("--student_minutes", type=float, default=2.0,
 p.add_argument("--data", type=str, default="data/mv",
                help="multi-view dataset for the Self-Forcing stage, with LoopAug on half its rollouts (synthetic "
                     "stream if the folder is missing)")
-p.add_argument("--warp", action=argparse.BooleanOptionalAction, default=True,
-               help="give the teacher (and so the student) the warp head, as the shipped student has (default: on)")
 p.add_argument("--dry_run", action="store_true",
                help="check the plumbing on the CPU: tiny preset, a few steps, one quick test (about a minute)")
 args = p.parse_args()
@@ -67,9 +62,9 @@ if args.dry_run:
     args.device, args.preset, args.bench_preset, args.teacher_minutes, args.pairs, args.student_minutes = \
         "cpu", "tiny", "tiny", 0.05, 8, 0.1
 if args.budget <= 0 or args.teacher_minutes <= 0 or args.student_minutes <= 0 or args.pairs < 1:
-    raise SystemExit("error: --budget, --teacher_minutes and --student_minutes must be positive, --pairs at least 1")
+    fail("--budget, --teacher_minutes and --student_minutes must be positive, --pairs at least 1")
 if not args.dry_run and not args.device.startswith("cuda"):
-    raise SystemExit(f"error: --device {args.device}: the GPU run needs cuda or cuda:N (the CPU check is --dry_run)")
+    fail(f"--device {args.device}: the GPU run needs cuda or cuda:N (the CPU check is --dry_run)")
 
 t_start = time.time()
 deadline = t_start + 60 * args.budget
@@ -173,12 +168,12 @@ if missing or (not args.dry_run and not summary["env"].get("cuda_available")):
     why = f"missing packages: {', '.join(missing)}" if missing else "no CUDA GPU visible to torch"
     summary["error"] = why
     write_summary()
-    raise SystemExit(f"error: {why} (see {log_path})")
+    fail(f"{why} (see {log_path})")
 
 # -----------------------------------------------------------------------------
 # 2-8. teacher, student, their evaluations, bench, tests
 
-import model                                             # torch is there: the environment check passed
+import model                                             # the environment check passed
 
 dev, work = args.device, args.work
 if args.dry_run:
@@ -226,8 +221,7 @@ def release(who, ckpt):
 tdir = os.path.join(work, "teacher")
 shutil.rmtree(tdir, ignore_errors=True)
 teacher = ["teacher.py", "--preset", args.preset, "--pairs", args.pairs, "--out", tdir, "--minutes", args.teacher_minutes,
-           "--eval_every", 5 if args.dry_run else 500, "--eval_steps", 10, "--save_every", 10 ** 6, "--device", dev,
-           "--warp" if args.warp else "--no-warp"]
+           "--eval_every", 5 if args.dry_run else 500, "--eval_steps", 10, "--save_every", 10 ** 6, "--device", dev]
 rec = stage("teacher", teacher, 60 * args.teacher_minutes + 150)
 if rec["status"] == "failed" and args.device.startswith("cuda"):           # e.g. no compiler for torch.compile
     shutil.rmtree(tdir, ignore_errors=True)
@@ -250,11 +244,11 @@ data_dir = os.path.join(ROOT, args.data)
 sf_data = ["--data", data_dir, "--loopaug", 0.5] if os.path.isdir(data_dir) else []
 summary["student_data"] = data_dir if sf_data else "synthetic stream (no --data folder)"
 if os.path.isfile(tckpt):
-    common = ["--teacher", tckpt, "--out", sdir, "--eval_every", 10 ** 6, "--save_every", 10 ** 6, "--device", dev]
-    stage("causal", ["distill.py", "--stage", "causal", "--minutes", round(0.3 * args.student_minutes, 3), *common],
+    shared = ["--teacher", tckpt, "--out", sdir, "--eval_every", 10 ** 6, "--device", dev]
+    stage("causal", ["distill.py", "--stage", "causal", "--minutes", round(0.3 * args.student_minutes, 3), *shared],
           18 * args.student_minutes + 90)
     if os.path.isfile(os.path.join(sdir, "causal.pt")):
-        stage("self-forcing", ["distill.py", "--stage", "dmd", "--minutes", round(0.7 * args.student_minutes, 3), *sf_data, *common],
+        stage("self-forcing", ["distill.py", "--stage", "selfforcing", "--minutes", round(0.7 * args.student_minutes, 3), *sf_data, *shared],
               42 * args.student_minutes + 90)
 summary["student"] = load_json(os.path.join(sdir, "summary.json"))
 sckpt = os.path.join(sdir, "ckpt.pt")

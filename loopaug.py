@@ -24,7 +24,10 @@ import os
 
 import torch
 
+import camera
 import data
+import render
+from common import ArgumentParser, check_args, check_out_dir, fail
 
 
 def select(seq, idx):
@@ -56,7 +59,7 @@ def camera_cycle(scene, src_cam, cams, f0, hold=1, advance=0, laps=1):
     f = (f0 + advance * torch.minimum(s, n - 1 - s)).clamp(max=T - 1)   # time: up, then back
     c2w_s, c2w_t = scene["c2w"][src_cam, f], scene["c2w"][tcam, f]
     seq = dict(src=scene["frames"][src_cam, f], tgt=scene["frames"][tcam, f],
-               rel=data.relative_pose(c2w_s, c2w_t), K_src=scene["K"][src_cam].expand(n, 4),
+               rel=camera.relative_pose(c2w_s, c2w_t), K_src=scene["K"][src_cam].expand(n, 4),
                K_tgt=scene["K"][tcam], key=tcam * T + f)                 # same key: same camera, same instant
     return select(seq, list(range(n)))
 
@@ -81,7 +84,7 @@ class LoopSampler:
             b = int(torch.randint(C, (1,), generator=g))
             f0 = int(torch.randint(0, N - L + 1, (1,), generator=g))
             sl = slice(f0, f0 + L)
-            clip = dict(src=sc["frames"][a, sl], tgt=sc["frames"][b, sl], rel=data.relative_pose(sc["c2w"][a, sl], sc["c2w"][b, sl]),
+            clip = dict(src=sc["frames"][a, sl], tgt=sc["frames"][b, sl], rel=camera.relative_pose(sc["c2w"][a, sl], sc["c2w"][b, sl]),
                         K_src=sc["K"][a].expand(L, 4), K_tgt=sc["K"][b].expand(L, 4))
             seq = palindrome(clip)
         else:
@@ -107,7 +110,7 @@ def repeat_laps(seq, laps):
     return select(seq, list(range(n)) + [i for _ in range(laps - 1) for i in range(1, n)])
 
 
-def write_loop(dirpath, seq, fps=data.FPS):
+def write_loop(dirpath, seq, fps=render.FPS):
     """One loop: src.mp4, tgt.mp4 and loop.json (relative poses, intrinsics, matched pairs)."""
     os.makedirs(dirpath, exist_ok=True)
     data.write_video(os.path.join(dirpath, "src.mp4"), seq["src"], fps)
@@ -135,7 +138,7 @@ def load_loop(dirpath, size=None):
 
 if __name__ == "__main__":
     from tqdm import tqdm
-    p = data.ArgumentParser(description="Write a LoopAug dataset from a multi-view dataset.")
+    p = ArgumentParser(description="Write a LoopAug dataset from a multi-view dataset.")
     p.add_argument("--data", type=str, default="data/synth", help="on-disk multi-view dataset folder (data.py format)")
     p.add_argument("--out", type=str, default="data/loops", help="output folder (created if missing)")
     p.add_argument("--loops", type=int, default=16, help="number of loops (palindromes and camera cycles in turn)")
@@ -144,16 +147,16 @@ if __name__ == "__main__":
     p.add_argument("--size", type=int, default=32, help="frame side in pixels (square, even: H.264)")
     p.add_argument("--seed", type=int, default=0, help="seed of the loops drawn")
     args = p.parse_args()
-    data.check_args(args, positive=("loops", "frames", "laps", "size"))
+    check_args(args, positive=("loops", "frames", "laps", "size"))
     if args.frames < 3:
-        data.fail(f"--frames must be at least 3 (out, somewhere else, back), got {args.frames}")
+        fail(f"--frames must be at least 3 (out, somewhere else, back), got {args.frames}")
     if args.size % 2:
-        data.fail(f"--size must be even (H.264 frames have even sides), got {args.size}")
-    data.check_out_dir(args.out)
+        fail(f"--size must be even (H.264 frames have even sides), got {args.size}")
+    check_out_dir(args.out)
     try:
         sampler = LoopSampler(args.data, args.size)
     except (OSError, ValueError) as e:
-        data.fail(e)
+        fail(e)
     g = torch.Generator().manual_seed(args.seed)
     preview = []
     for i in tqdm(range(args.loops), desc="loops"):
@@ -163,6 +166,6 @@ if __name__ == "__main__":
             preview.append(data.side_by_side(seq["src"], seq["tgt"]))
     n = max(len(v) for v in preview)
     pad = lambda v: torch.cat([v, v[-1:].expand(n - len(v), -1, -1, -1)])
-    data.write_video(os.path.join(args.out, "preview.mp4"), torch.cat([pad(v) for v in preview], -2), data.FPS, upscale=4)
+    data.write_video(os.path.join(args.out, "preview.mp4"), torch.cat([pad(v) for v in preview], -2), render.FPS, upscale=4)
     print(f"wrote {args.loops} loops of {seq['src'].shape[0]} frames to {args.out} "
           f"(preview: {os.path.join(args.out, 'preview.mp4')}; each: src.mp4 | tgt.mp4 | loop.json)")

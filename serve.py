@@ -22,6 +22,7 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+import camera
 import data
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
@@ -107,7 +108,7 @@ class Handler(BaseHTTPRequestHandler):
             self.events()
         elif path == "/state":
             self.reply(200, dict(srv.hub.state(), viewers=srv.hub.viewers, viewer_cpu_s=srv.hub.cpu_s,
-                                 ended=srv.hub.closed, keys=srv.keys, presets=data.PRESETS))
+                                 ended=srv.hub.closed, keys=srv.keys, presets=camera.PRESETS))
         else:
             self.reply(404, {"error": f"no such page: {path}"})
 

@@ -22,13 +22,11 @@ Keys (the terminal, a script on stdin, the page), applied at the next chunk, on 
     t / g  pedestal up / down (0.1)        z / x  zoom in / out (x1.1)
     r      reset to --traj                 q      stop (the video so far is kept)
 """
-import argparse
 import itertools
 import json
 import math
 import os
 import queue
-import re
 import sys
 import threading
 import time
@@ -37,11 +35,12 @@ from dataclasses import replace
 
 import torch
 
+import camera
 import data
+import render
+from common import ArgumentParser, check_args, check_device, check_out_dir, default_device, fail
 from model import SHIPPED_STUDENT, KVCache, decode_target, load_model, student_chunk
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CKPT = os.path.join(ROOT, SHIPPED_STUDENT)   # found from any working directory
 KEYS = {  # key: (offset component, increment)
     "a": ("orbit", 5.0), "d": ("orbit", -5.0), "j": ("yaw", -5.0), "l": ("yaw", 5.0),
     "i": ("pitch", 3.0), "k": ("pitch", -3.0), "w": ("dz", 0.1), "s": ("dz", -0.1),
@@ -127,8 +126,8 @@ class Controls:
                     raise ValueError(f"move {k} must be a number within +-{MOVE_LIMITS[k]:g}, not {json.dumps(v)}")
             return self.push(("move", {k: float(v) for k, v in arg.items()}))
         if kind == "preset":
-            if arg not in data.PRESETS:
-                raise ValueError(f"unknown preset {json.dumps(arg)}: one of {', '.join(data.PRESETS)}")
+            if arg not in camera.PRESETS:
+                raise ValueError(f"unknown preset {json.dumps(arg)}: one of {', '.join(camera.PRESETS)}")
             return self.push(("preset", arg))
         raise ValueError(f'unknown command {json.dumps(kind)}: "key", "move" or "preset"')
 
@@ -163,7 +162,7 @@ class Controls:
             for k, v in arg.items():
                 self.offset[k] += v
         else:                                                   # a preset, played from this frame
-            self.rel_path, self.zoom_path = data.preset_path(arg, self.traj_frames)
+            self.rel_path, self.zoom_path = camera.preset_path(arg, self.traj_frames)
             self.start, self.traj = frame, arg
         self.log.append((frame, command_text(cmd)))
 
@@ -171,8 +170,8 @@ class Controls:
         """Relative poses (m, 4, 4) and focal scales (m,) of frames n..n+m-1: the trajectory, then the offset."""
         idx = (torch.arange(n, n + m) - self.start).clamp(0, len(self.rel_path) - 1)
         s, deg = self.offset, math.pi / 180
-        off, zoff = data.camera_path(yaw=s["yaw"] * deg, pitch=s["pitch"] * deg, orbit=s["orbit"] * deg,
-                                     move=(0.0, s["dy"], s["dz"]), zoom=math.exp(s["zoom"]), n=1)
+        off, zoff = camera.camera_path(yaw=s["yaw"] * deg, pitch=s["pitch"] * deg, orbit=s["orbit"] * deg,
+                                       move=(0.0, s["dy"], s["dz"]), zoom=math.exp(s["zoom"]), n=1)
         return self.rel_path[idx] @ off[0], self.zoom_path[idx] * zoff[0]
 
 
@@ -207,12 +206,12 @@ def synthetic_source(size, seed=2 ** 31 + 123, period=SYNTH_PERIOD):
     """The built-in video, endless: a held-out synthetic scene seen by a slowly moving camera,
     played forward over `period` frames, then backward, and so on (a seamless loop)."""
     g = torch.Generator().manual_seed(seed)
-    scene, c2w = data.make_scene(seed), data.source_path(period, g)
+    scene, c2w = render.make_scene(seed), render.source_path(period, g)
     K = torch.tensor([1.0, 1.0, 0.5, 0.5])
     for i in itertools.count():
         j = i % (2 * period - 2)
         j = min(j, 2 * period - 2 - j)
-        rgb, _ = data.render(scene, c2w[j:j + 1], K[None], torch.tensor([j / data.FPS]), size, size, depth=False)
+        rgb, _ = render.render(scene, c2w[j:j + 1], K[None], torch.tensor([j / render.FPS]), size, size, depth=False)
         yield rgb[0]
 
 
@@ -299,7 +298,7 @@ def stream_frames(model, frames, controls, steps, seed=0, device="cpu", fx=1.0):
         rel, zoom = controls.camera(n, m)                                      # (m, 4, 4), (m,)
         Kt = K.expand(m, 4).clone()
         Kt[:, :2] *= zoom[:, None]
-        cam_src, cam_tgt = data.pair_rays(rel[None].to(device), K.expand(1, m, 4).to(device), Kt[None].to(device), S, S)
+        cam_src, cam_tgt = camera.pair_rays(rel[None].to(device), K.expand(1, m, 4).to(device), Kt[None].to(device), S, S)
         noise = torch.randn((steps, 1, m, 3, S, S), generator=gen, device=device)   # as model.student_sample
         x0 = student_chunk(model, cache, src, cam_src, cam_tgt, torch.arange(n, n + m, device=device), steps, noise)
         out = decode_target(x0, src, cfg)[0].cpu()
@@ -314,77 +313,13 @@ def stream_frames(model, frames, controls, steps, seed=0, device="cpu", fx=1.0):
 # command line
 
 
-def fail(msg):
-    """One line on stderr, exit code 1, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-def check_args(args):
-    """Everything that can be checked before loading anything."""
-    for name, low in (("frames", 1), ("steps", 1), ("window", 0), ("traj_frames", 1)):
-        v = getattr(args, name)
-        if v is not None and v < low:
-            fail(f"--{name} must be at least {low}, not {v}")
-    if not 0 < args.fov < 180:
-        fail(f"--fov is the horizontal field of view in degrees, between 0 and 180 (exclusive), not {args.fov:g}")
-    if not 0 <= args.port <= 65535:
-        fail(f"--port must be between 0 and 65535, not {args.port}")
-    if args.serve and args.window == 0:
-        fail("--window 0 keeps every chunk: memory would grow without bound in an endless --serve stream")
-    m = re.fullmatch(r"cpu|cuda(:(\d+))?", args.device)
-    if not m:
-        fail(f"--device must be cpu, cuda or cuda:N, not '{args.device}'")
-    if args.device != "cpu":
-        if not torch.cuda.is_available():
-            fail(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-        if m.group(2) and int(m.group(2)) >= torch.cuda.device_count():
-            fail(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        fail(f"--out is an output folder, but {args.out} is a file")
-
-
-def open_input(args, S):
-    """-> (frame rate, frames, info dict of what was read); fails early on an unreadable input."""
-    info = dict(read=0, declared=0, loops=0, dropped=0, arrivals=deque())
-    try:
-        if args.video:
-            fps, info["declared"] = probe_video(args.video)
-            frames = video_source(args.video, S, info, loop=args.serve)
-            first = next(frames)                                 # an empty or broken file fails here
-            frames = itertools.chain([first], frames)
-        else:
-            fps, frames = data.FPS, synthetic_source(S)
-    except data.VideoError as e:
-        fail(e)
-    return fps, (paced(frames, fps, info) if args.realtime else frames), info
-
-
-def load_student(args):
-    """-> (model, trained steps), or one error line with the right hint."""
-    try:
-        model, ckpt = load_model(args.ckpt, args.device)
-    except FileNotFoundError:
-        if os.path.abspath(args.ckpt) == DEFAULT_CKPT:
-            fail(f"the shipped student is missing: {DEFAULT_CKPT} (restore it with git checkout -- "
-                 f"{SHIPPED_STUDENT}, or make one with python distill.py and pass --ckpt runs/student/ckpt.pt)")
-        fail(f"checkpoint not found: {args.ckpt} (python distill.py writes runs/student/ckpt.pt; "
-             "leave out --ckpt for the shipped student)")
-    except (ValueError, RuntimeError, TypeError, KeyError) as e:
-        fail(f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (--ckpt takes a student checkpoint written "
-             "by distill.py; leave it out for the shipped student)")
-    if "student" not in ckpt:
-        fail(f"{args.ckpt} is not a student checkpoint (it is a bidirectional teacher); use distill.py's output")
-    return model, ckpt["student"]["steps"]
-
-
 def parser():
-    p = argparse.ArgumentParser(description="Stream a video through the RealCam-min student with camera control.")
+    p = ArgumentParser(description="Stream a video through the RealCam-min student with camera control.")
     p.add_argument("--video", type=str, default=None,
                    help="input video file (default: a built-in synthetic scene, 8 frames/s)")
-    p.add_argument("--traj", type=str, default="orbit", help=f"preset ({', '.join(data.PRESETS)}) or a JSON file")
+    p.add_argument("--traj", type=str, default="orbit", help=f"preset ({', '.join(camera.PRESETS)}) or a JSON file")
     p.add_argument("--traj_frames", type=int, default=48, help="frames a preset takes to play out (then it holds)")
-    p.add_argument("--ckpt", type=str, default=DEFAULT_CKPT,
+    p.add_argument("--ckpt", type=str, default=SHIPPED_STUDENT,
                    help="student checkpoint (default: the shipped checkpoints/student_small.pt; "
                         "distill.py writes runs/student/ckpt.pt)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps a chunk (1..trained; default: trained)")
@@ -407,62 +342,83 @@ def parser():
     p.add_argument("--host", type=str, default="127.0.0.1", help="--serve: address to listen on (0.0.0.0: every one)")
     p.add_argument("--port", type=int, default=8000, help="--serve: TCP port (0: any free one)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--device", type=str, default=default_device(), help="cpu, cuda or cuda:N (default: cuda if available)")
     return p
 
 
-def main():
+def parse_args():
+    """The flags, with everything that can be checked before loading anything."""
     args = parser().parse_args()
-    check_args(args)
+    check_args(args, positive=("frames", "steps", "traj_frames"), nonneg=("window",))
+    if not 0 < args.fov < 180:
+        fail(f"--fov is the horizontal field of view in degrees, between 0 and 180 (exclusive), not {args.fov:g}")
+    if not 0 <= args.port <= 65535:
+        fail(f"--port must be between 0 and 65535, not {args.port}")
+    if args.serve and args.window == 0:
+        fail("--window 0 keeps every chunk: memory would grow without bound in an endless --serve stream")
+    check_device(args.device)
+    check_out_dir(args.out)
+    return args
 
-    # trajectory and commands
+
+def make_controls(args):
+    """The camera: --traj, and with --interactive from a pipe or a file, the script read to its end."""
     try:
-        rel_path, zoom_path = data.trajectory(args.traj, args.traj_frames)
+        rel_path, zoom_path = camera.trajectory(args.traj, args.traj_frames)
     except ValueError as e:
         fail(e)
     script = []
-    if args.interactive and not sys.stdin.isatty():          # a pipe or a file: a script, read to its end
+    if args.interactive and not sys.stdin.isatty():
         try:
             script = parse_script(sys.stdin.read())
         except (ValueError, UnicodeDecodeError) as e:
             fail(e)
-    controls = Controls(rel_path, zoom_path, args.traj, args.traj_frames, script)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot make the output folder {args.out}: {e.strerror}")
-    hub = server = None
-    if args.serve:                                           # bind first: a busy port fails before loading
-        import serve
-        hub = serve.Hub()
-        try:
-            server = serve.start(args.host, args.port, hub, controls, KEYS)
-        except OSError as e:
-            fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
-    # model and input
-    model, trained = load_student(args)
-    steps = trained if args.steps is None else args.steps
-    if steps > trained:
-        fail(f"--steps must be between 1 and {trained} (the trained number of steps)")
-    if args.window is not None:
-        model.cfg = replace(model.cfg, window=args.window)
-    cfg, S = model.cfg, model.cfg.size
-    fps, frames, info = open_input(args, S)
-    limit = args.frames or (None if args.serve or args.video else SYNTH_PERIOD)
-    if args.interactive and sys.stdin.isatty():
-        threading.Thread(target=read_terminal, args=(controls,), daemon=True).start()
-    name = args.video or "the built-in scene"
-    print(f"streaming {name} at {fps:.1f} fps through {args.ckpt} ({S}x{S}, chunk {cfg.chunk}, "
-          f"window {cfg.window or 'all'}, {steps} steps, fov {args.fov:.2f} deg), trajectory {args.traj}"
-          + (" + script" if script else " + keys" if args.interactive else "")
-          + (", paced as a live camera" if args.realtime else ""), flush=True)
-    if server:
-        print(f"serving http://{args.host}:{server.server_address[1]}/  (Ctrl-C or q stops)", flush=True)
+    return Controls(rel_path, zoom_path, args.traj, args.traj_frames, script)
 
-    mp4, log_path = os.path.join(args.out, "stream.mp4"), os.path.join(args.out, "stream_latency.json")
+
+def open_input(args, S):
+    """-> (frame rate, frames, info dict of what was read); fails early on an unreadable input."""
+    info = dict(read=0, declared=0, loops=0, dropped=0, arrivals=deque())
+    try:
+        if args.video:
+            fps, info["declared"] = probe_video(args.video)
+            frames = video_source(args.video, S, info, loop=args.serve)
+            first = next(frames)                                 # an empty or broken file fails here
+            frames = itertools.chain([first], frames)
+        else:
+            fps, frames = render.FPS, synthetic_source(S)
+    except data.VideoError as e:
+        fail(e)
+    return fps, (paced(frames, fps, info) if args.realtime else frames), info
+
+
+def load_student(args):
+    """-> (model, trained steps), or one error line with the right hint."""
+    try:
+        model, ckpt = load_model(args.ckpt, args.device)
+    except FileNotFoundError:
+        if os.path.abspath(args.ckpt) == SHIPPED_STUDENT:
+            fail(f"the shipped student is missing: {SHIPPED_STUDENT} (restore it with git checkout -- "
+                 f"{SHIPPED_STUDENT}, or make one with python distill.py and pass --ckpt runs/student/ckpt.pt)")
+        fail(f"checkpoint not found: {args.ckpt} (python distill.py writes runs/student/ckpt.pt; "
+             "leave out --ckpt for the shipped student)")
+    except (ValueError, RuntimeError, TypeError, KeyError) as e:
+        fail(f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (--ckpt takes a student checkpoint written "
+             "by distill.py; leave it out for the shipped student)")
+    if "student" not in ckpt:
+        fail(f"{args.ckpt} is not a student checkpoint (it is a bidirectional teacher); use distill.py's output")
+    return model, ckpt["student"]["steps"]
+
+# -----------------------------------------------------------------------------
+# the run: every generated frame to the mp4, the latency log and the page
+
+
+def record(args, model, frames, controls, steps, info, writer, hub):
+    """Stream until the input ends, --frames, q or Ctrl-C; every frame to the writer, the log and
+    the page (hub). Returns (the log's lists, why it stopped, the damage if the input broke, the
+    start time)."""
     rec = dict(latency_ms=[], poses=[], zoom=[], t=[], viewers=[], delay_ms=[])
-    writer = data.VideoWriter(mp4, fps, upscale=max(1, 128 // S))
+    limit = args.frames or (None if args.serve or args.video else SYNTH_PERIOD)
     stop, damaged, fx = None, None, 0.5 / math.tan(math.radians(args.fov) / 2)
     t_start = time.perf_counter()
     try:
@@ -491,10 +447,12 @@ def main():
         stop = "interrupted (Ctrl-C): keeping the frames done so far"
     except data.VideoError as e:
         stop, damaged = "the input broke", str(e)
-    finally:
-        writer.close()
-        if server:
-            serve.stop(server)
+    return rec, stop, damaged, t_start
+
+
+def report(args, rec, info, steps, fps, stop, damaged, hub, controls, t_start, mp4):
+    """What was read and why it stopped, the latency log (stream_latency.json) and the speed;
+    one error line if nothing was generated or the input broke."""
     n = len(rec["t"])
     if args.video:
         loops = f" (restarted {info['loops']} times)" if info["loops"] else ""
@@ -503,8 +461,7 @@ def main():
         print(f"stopped: {stop}")
     if n == 0:
         fail(f"no frames were generated ({damaged or stop})")
-    lat = torch.tensor(rec["latency_ms"])
-    wall = time.perf_counter() - t_start
+    lat, wall = torch.tensor(rec["latency_ms"]), time.perf_counter() - t_start
     log = dict(fps_input=fps, frames=n, frames_read=info["read"], steps=steps, fov=args.fov, stop=stop,
                damaged=damaged, wall_s=wall, viewer_cpu_s=hub.cpu_s if hub else 0.0, commands=controls.log, **rec)
     if args.realtime:
@@ -514,6 +471,7 @@ def main():
         print(f"live input at {fps:.1f} fps: {n} frames generated, {info['dropped']} dropped (they arrived while the "
               f"generator was busy), {late} late (out more than a frame interval after arriving); delay from arrival "
               f"to output mean {d.mean():.1f} ms, p95 {d.quantile(0.95):.1f} ms")
+    log_path = os.path.join(args.out, "stream_latency.json")
     with open(log_path, "w") as f:
         json.dump(log, f)
     gen_fps = n / (lat.sum().item() / 1000)
@@ -522,6 +480,48 @@ def main():
           f"({'faster' if gen_fps >= fps else 'slower'} than the input's {fps:.1f} fps) -> {mp4}, {log_path}")
     if damaged:
         fail(f"{damaged}; the {n} frames generated before it are kept in {mp4}")
+
+
+def main():
+    args = parse_args()
+    controls = make_controls(args)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot make the output folder {args.out}: {e.strerror}")
+    hub = server = None
+    if args.serve:                                           # bind first: a busy port fails before loading
+        import serve
+        hub = serve.Hub()
+        try:
+            server = serve.start(args.host, args.port, hub, controls, KEYS)
+        except OSError as e:
+            fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    model, trained = load_student(args)
+    steps = trained if args.steps is None else args.steps
+    if steps > trained:
+        fail(f"--steps must be between 1 and {trained} (the trained number of steps)")
+    if args.window is not None:
+        model.cfg = replace(model.cfg, window=args.window)
+    cfg, S = model.cfg, model.cfg.size
+    fps, frames, info = open_input(args, S)
+    if args.interactive and sys.stdin.isatty():
+        threading.Thread(target=read_terminal, args=(controls,), daemon=True).start()
+    print(f"streaming {args.video or 'the built-in scene'} at {fps:.1f} fps through {args.ckpt} ({S}x{S}, chunk {cfg.chunk}, "
+          f"window {cfg.window or 'all'}, {steps} steps, fov {args.fov:.2f} deg), trajectory {args.traj}"
+          + (" + script" if controls.script else " + keys" if args.interactive else "")
+          + (", paced as a live camera" if args.realtime else ""), flush=True)
+    if server:
+        print(f"serving http://{args.host}:{server.server_address[1]}/  (Ctrl-C or q stops)", flush=True)
+    mp4 = os.path.join(args.out, "stream.mp4")
+    writer = data.VideoWriter(mp4, fps, upscale=max(1, 128 // S))
+    try:
+        rec, stop, damaged, t_start = record(args, model, frames, controls, steps, info, writer, hub)
+    finally:
+        writer.close()
+        if server:
+            serve.stop(server)
+    report(args, rec, info, steps, fps, stop, damaged, hub, controls, t_start, mp4)
 
 
 if __name__ == "__main__":

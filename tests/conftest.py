@@ -34,11 +34,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def device(request):
     """The device given by `pytest --device` (default cpu), checked."""
-    from model import check_device
+    from common import check_device
     try:
         return check_device(request.config.getoption("--device"))
-    except ValueError as e:
-        pytest.exit(f"error: --{e}", returncode=4)
+    except SystemExit as e:                                    # its one `error:` line
+        pytest.exit(str(e), returncode=4)
 
 
 def run_script(*args, ok=True, timeout=300, stdin=None):

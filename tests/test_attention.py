@@ -10,8 +10,11 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import attention
 import model
-from model import PRESETS, KVCache, RealCamDiT, attention_pairs, student_chunk, visible
+from attention import KVCache, attention_pairs, visible
+from common import peak_flops
+from model import PRESETS, RealCamDiT, student_chunk
 
 TINY = PRESETS["tiny"]
 
@@ -35,7 +38,8 @@ def inputs(B, T, cfg=TINY, seed=0, device="cpu"):
 def reference_forward(m, src, xt, cs, ct, t, causal=False, time=None):
     """The forward as it was before this change, kept as the reference: interleaved pairs
     [s0, t0, s1, t1, ...], one attention call a layer with the dense visible() mask, absolute
-    RoPE times (time: the pair index of each pair, default 0..T-1)."""
+    RoPE times (time: the pair index of each pair, default 0..T-1); adaLN-single and the warp
+    head as the model has them."""
     cfg, (B, T) = m.cfg, src.shape[:2]
     L, g, Dh, dev = m.grid ** 2, m.grid, cfg.dim // cfg.heads, src.device
     x = torch.stack([src, xt], 2).flatten(1, 2)
@@ -55,17 +59,21 @@ def reference_forward(m, src, xt, cs, ct, t, causal=False, time=None):
     cos, sin = ang.cos(), ang.sin()
     mask = visible(tok_time, tok_role, tok_time, tok_role, cfg, causal)
     mask = None if mask.all() else mask
+    cb = m.ada_shared(c) if cfg.ada_single else c
     for blk in m.blocks:
         N, D = 2 * T * L, cfg.dim
-        sh1, sc1, g1, sh2, sc2, g2 = blk.ada(c)[:, :, None].chunk(6, -1)
+        mod = cb + blk.ada_table if cfg.ada_single else blk.ada(c)
+        sh1, sc1, g1, sh2, sc2, g2 = mod[:, :, None].chunk(6, -1)
         a, at = (blk.norm1(h) * (1 + sc1) + sh1).reshape(B, N, D), blk.attn
         q, k, v = at.qkv(a).view(B, N, 3, at.heads, Dh).permute(2, 0, 3, 1, 4)
-        q, k = model.apply_rope(at.q_norm(q), cos, sin), model.apply_rope(at.k_norm(k), cos, sin)
+        q, k = attention.apply_rope(at.q_norm(q), cos, sin), attention.apply_rope(at.k_norm(k), cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         h = h + g1 * at.proj(y.transpose(1, 2).reshape(B, N, D)).view(B, 2 * T, L, D)
         h = h + g2 * blk.mlp(blk.norm2(h) * (1 + sc2) + sh2)
     sh, sc = m.ada_out(c)[:, :, None].chunk(2, -1)
-    return m.unpatchify(m.out(m.norm_out(h) * (1 + sc) + sh))[:, 1::2]
+    h = m.norm_out(h) * (1 + sc) + sh
+    out = m.unpatchify(m.out(h))[:, 1::2]
+    return out + m.warp(h[:, 1::2], cam[:, 1::2], model.source_intrinsics(cs)) if cfg.warp else out
 
 
 def rel_err(a, b):
@@ -85,9 +93,9 @@ class SDPASpy:
 # full forwards against the old masked implementation
 
 
-@pytest.mark.parametrize("cfg", [TINY, replace(TINY, src_sees_tgt=True), replace(TINY, cam_rope=(1.5, 0.5)),
-                                 replace(TINY, pred="x", depth=3), replace(TINY, src_concat=True),
-                                 replace(TINY, src_concat=True, cam_rope=(1.0, 0.0), residual=False)])
+@pytest.mark.parametrize("cfg", [TINY, replace(TINY, ada_single=False, warp=()), replace(TINY, cam_rope=(1.5, 0.5)),
+                                 replace(TINY, depth=3), replace(TINY, src_concat=False, cam_rope=(), warp=()),
+                                 replace(TINY, cam_rope=(1.0, 0.0), residual=False)])
 @pytest.mark.parametrize("T", [1, 4])
 def test_teacher_forward_equals_the_masked_reference(cfg, T, device, monkeypatch):
     """The teacher's forward (sources first, two unmasked attention calls) equals the old
@@ -101,14 +109,14 @@ def test_teacher_forward_equals_the_masked_reference(cfg, T, device, monkeypatch
     assert not any(masked for _, _, masked, *_ in spy.calls)                    # Flash-eligible
     L = m.grid ** 2
     pairs = sum(nq * nk for nq, nk, *_ in spy.calls) // cfg.depth
-    assert pairs == attention_pairs(cfg, T) == ((2 * T * L) ** 2 if cfg.src_sees_tgt else 3 * (T * L) ** 2)
+    assert pairs == attention_pairs(cfg, T) == 3 * (T * L) ** 2
 
 
-CAM_CAT = dict(cam_rope=(1.5, 0.5), src_concat=True)       # camera RoPE and the source pixels as input
+CAM_CAT = dict(cam_rope=(1.5, 0.5), ada_single=False, warp=())    # other planes, a projection a block, no warp head
 
 
 @pytest.mark.parametrize("chunk,window,sink", [(1, 0, 0), (2, 2, 0), (1, 3, 1), (1, 2, 2)])
-@pytest.mark.parametrize("extra", [{}, CAM_CAT], ids=["grid", "cam_rope+src_concat"])
+@pytest.mark.parametrize("extra", [{}, CAM_CAT], ids=["tiny", "planes+ada+nowarp"])
 def test_causal_forward_equals_the_masked_reference(chunk, window, sink, extra, device):
     """Block-causal full forward == the old masked one wherever the window has not left a sink
     behind (a gap: there the sink's RoPE time moves, see the sink tests below)."""
@@ -116,7 +124,7 @@ def test_causal_forward_equals_the_masked_reference(chunk, window, sink, extra, 
     m = random_model(cfg, device=device)
     T = (window + sink) * chunk if sink else 5                  # with a sink: no gap up to here
     src, xt, cs, ct, t = inputs(2, T, cfg, device=device)
-    assert max(model.sink_shift(i // chunk, cfg) for i in range(T)) == 0
+    assert max(attention.sink_shift(i // chunk, cfg) for i in range(T)) == 0
     assert rel_err(m(src, xt, cs, ct, t, causal=True), reference_forward(m, src, xt, cs, ct, t, causal=True)) < 1e-5
 
 
@@ -129,8 +137,8 @@ def test_flops_count_the_attention_really_scored():
     dense = model.flops_per_forward(cfg, 2 * T)
     real = model.flops_per_forward(cfg, 2 * T, attn_pairs=attention_pairs(cfg, T))
     assert dense - real == cfg.depth * 4 * cfg.dim * (T * L) ** 2
-    assert model.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and model.peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert model.peak_flops("NVIDIA H200") == 989e12 and model.peak_flops("Tesla T4") is None
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("Tesla T4") is None
 
 # -----------------------------------------------------------------------------
 # the KV cache
@@ -141,6 +149,7 @@ def stream(m, cache, src, x0, xt, cs, ct, t, first=0, keep=None):
     written); returns the noisy targets' outputs of the chunks from pair `first` on (earlier
     chunks skip the noisy pass: it changes nothing in the cache)."""
     cfg, (B, T) = m.cfg, src.shape[:2]
+    k = model.source_intrinsics(cs) if cfg.warp else None                      # the warp head's
     cs, ct = model.frame_cond(cfg, None, cs), model.frame_cond(cfg, src, ct)   # + source pixels if src_concat
     outs = []
     with torch.no_grad():
@@ -149,9 +158,10 @@ def stream(m, cache, src, x0, xt, cs, ct, t, first=0, keep=None):
             n, time = sl.stop - sl.start, range(sl.start, sl.stop)
             z = torch.zeros(B, n, device=src.device)
             m.forward_frames(src[:, sl], cs[:, sl], z, time, (0,) * n, True, cache, True)
+            ks = None if k is None else k[:, sl]
             if sl.stop > first:
-                outs.append(m.forward_frames(xt[:, sl], ct[:, sl], t[:, sl], time, (1,) * n, True, cache, False))
-            m.forward_frames(x0[:, sl], ct[:, sl], z, time, (1,) * n, True, cache, True)
+                outs.append(m.forward_frames(xt[:, sl], ct[:, sl], t[:, sl], time, (1,) * n, True, cache, False, ks))
+            m.forward_frames(x0[:, sl], ct[:, sl], z, time, (1,) * n, True, cache, True, ks)
             if keep is not None:
                 keep(c0 // cfg.chunk, cache)
     return torch.cat(outs, 1)
@@ -168,7 +178,7 @@ def test_cache_trims_exactly(chunk, window, sink):
     seen = []
 
     def check(c, cache):
-        nxt = [k for k in range(c + 1) if model.sees(c + 1, 1, k, 1, cfg)]
+        nxt = [k for k in range(c + 1) if attention.sees(c + 1, 1, k, 1, cfg)]
         seen.append(len(nxt))
         assert len(cache) == len(nxt) * 2 * chunk * L, f"after chunk {c}"
         if window:
@@ -177,7 +187,7 @@ def test_cache_trims_exactly(chunk, window, sink):
     assert max(seen) == (window - 1 + sink if window else 9)
 
 
-@pytest.mark.parametrize("extra", [{}, CAM_CAT], ids=["grid", "cam_rope+src_concat"])
+@pytest.mark.parametrize("extra", [{}, CAM_CAT], ids=["tiny", "planes+ada+nowarp"])
 def test_cached_pass_with_gradients_equals_the_inference_pass(extra):
     """The grad path (keys copied, the pass's own keys carrying gradients) computes what the
     in-place inference path computes, and later writes do not break its backward. The sources
@@ -205,7 +215,7 @@ def test_long_stream_with_a_sink_matches_a_masked_forward_on_its_window():
     sink and the chunks the last one depends on (depth x (window - 1) + 1), with the gap."""
     C, T = 4, 2004                                                     # chunks 0..500
     for depth in (1, 2):
-        cfg = replace(TINY, depth=depth, chunk=C, window=2, sink=1, src_concat=False)   # conds built by hand below
+        cfg = replace(TINY, depth=depth, chunk=C, window=2, sink=1, src_concat=False, warp=())   # conds built by hand below
         m = random_model(cfg, seed=depth)
         src, xt, cs, ct, t = inputs(1, T, cfg, seed=3)
         x0 = torch.randn_like(xt)
@@ -221,7 +231,7 @@ def test_long_stream_with_a_sink_matches_a_masked_forward_on_its_window():
             assert rel_err(far, ref) > 1e-4                           # absolute times: 100x off
         else:             # chunks at 0 (sink), 2, 3, 4: windows and sink distances as in the stream
             times = tuple(range(C)) + tuple(range(2 * C, 5 * C))
-            assert model.sink_shift(3, cfg) > 0
+            assert attention.sink_shift(3, cfg) > 0
             ref = m.forward_frames(torch.cat([src_k, tgt], 1), torch.cat([cs[:, keep], cam_k], 1),
                                    torch.cat([torch.zeros_like(tt), tt], 1), times * 2, (0,) * n + (1,) * n, True)[:, -C:]
         assert rel_err(got, ref) < 1e-5, f"depth {depth}"
@@ -230,7 +240,7 @@ def test_long_stream_with_a_sink_matches_a_masked_forward_on_its_window():
 def test_steady_state_passes_share_one_layout():
     """Once the window is full, every chunk's passes have the same layout (two: sources,
     targets), which is what lets CUDA graphs replay them."""
-    for cfg, kinds in ((replace(TINY, window=3, sink=1), 2), (replace(TINY, window=2, chunk=2, src_sees_tgt=True), 1)):
+    for cfg, kinds in ((replace(TINY, window=3, sink=1), 2), (replace(TINY, window=2, chunk=2), 2)):
         m = random_model(cfg)
         cache, keys = KVCache(cfg), []
         begin = cache.begin

@@ -6,16 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
+import camera
+import render
 
 
 def random_pose(g):
     eye = torch.randn(3, generator=g)
-    return data.look_at(eye, eye + torch.randn(3, generator=g))
+    return camera.look_at(eye, eye + torch.randn(3, generator=g))
 
 
 def test_look_at_is_opencv_and_rigid():
-    c2w = data.look_at(torch.tensor([0.0, 0.5, -2.0]), torch.zeros(3))
+    c2w = camera.look_at(torch.tensor([0.0, 0.5, -2.0]), torch.zeros(3))
     R = c2w[:3, :3]
     assert torch.allclose(R @ R.T, torch.eye(3), atol=1e-6) and abs(torch.det(R) - 1) < 1e-5
     assert torch.allclose(c2w[:3, 2], torch.nn.functional.normalize(torch.tensor([0.0, -0.5, 2.0]), dim=0), atol=1e-6)
@@ -25,15 +26,15 @@ def test_look_at_is_opencv_and_rigid():
 def test_relative_pose_identities():
     g = torch.Generator().manual_seed(0)
     a, b = random_pose(g), random_pose(g)
-    assert torch.allclose(data.relative_pose(a, a), torch.eye(4), atol=1e-5)
-    assert torch.allclose(data.invert_pose(data.invert_pose(a)), a, atol=1e-5)
-    assert torch.allclose(a @ data.relative_pose(a, b), b, atol=1e-5)
+    assert torch.allclose(camera.relative_pose(a, a), torch.eye(4), atol=1e-5)
+    assert torch.allclose(camera.invert_pose(camera.invert_pose(a)), a, atol=1e-5)
+    assert torch.allclose(a @ camera.relative_pose(a, b), b, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", data.PRESETS)
+@pytest.mark.parametrize("name", camera.PRESETS)
 @pytest.mark.parametrize("n", [1, 2, 9, 40])
 def test_presets_start_at_identity_and_move_smoothly(name, n):
-    rel, zoom = data.preset_path(name, n)
+    rel, zoom = camera.preset_path(name, n)
     assert rel.shape == (n, 4, 4) and zoom.shape == (n,)
     assert torch.allclose(rel[0], torch.eye(4), atol=1e-6) and abs(zoom[0] - 1) < 1e-6
     if n >= 9:
@@ -46,60 +47,60 @@ def test_presets_start_at_identity_and_move_smoothly(name, n):
 
 
 def test_orbit_returns_and_keeps_the_subject_in_view():
-    rel, _ = data.preset_path("orbit", 33)
+    rel, _ = camera.preset_path("orbit", 33)
     assert torch.allclose(rel[-1], torch.eye(4), atol=1e-5)
     assert (rel[8] - torch.eye(4)).abs().max() > 0.3                # it really went somewhere
-    left, _ = data.preset_path("orbit_left", 9)
-    pivot = torch.tensor([0.0, 0.0, data.ORBIT_PIVOT, 1.0])
+    left, _ = camera.preset_path("orbit_left", 9)
+    pivot = torch.tensor([0.0, 0.0, camera.ORBIT_PIVOT, 1.0])
     # the pivot stays on every orbiting camera's optical axis, at the same distance
-    p_cam = data.invert_pose(left) @ pivot
+    p_cam = camera.invert_pose(left) @ pivot
     assert torch.allclose(p_cam[:, :2], torch.zeros(9, 2), atol=1e-5)
-    assert torch.allclose(p_cam[:, 2], torch.full((9,), data.ORBIT_PIVOT), atol=1e-5)
+    assert torch.allclose(p_cam[:, 2], torch.full((9,), camera.ORBIT_PIVOT), atol=1e-5)
     assert left[-1, 0, 3] < 0                                          # orbit_left moves left
     angle = math.degrees(math.acos(left[-1, 2, 2].item()))
-    assert abs(angle - data.ORBIT_DEG) < 1e-3
+    assert abs(angle - camera.ORBIT_DEG) < 1e-3
 
 
 def test_pan_tilt_dolly_directions():
-    fwd = lambda name: data.preset_path(name, 5)[0][-1, :3, 2]
+    fwd = lambda name: camera.preset_path(name, 5)[0][-1, :3, 2]
     assert fwd("pan_right")[0] > 0.3 and fwd("pan_left")[0] < -0.3
     assert fwd("tilt_up")[1] < -0.1 and fwd("tilt_down")[1] > 0.1    # y is down
-    assert abs(data.preset_path("dolly_in", 5)[0][-1, 2, 3] - data.MOVE) < 1e-6
-    assert data.preset_path("zoom_in", 5)[1][-1] > 1.4
+    assert abs(camera.preset_path("dolly_in", 5)[0][-1, 2, 3] - camera.MOVE) < 1e-6
+    assert camera.preset_path("zoom_in", 5)[1][-1] > 1.4
 
 
 def test_plucker_rays():
     K = torch.tensor([1.0, 1.0, 0.5, 0.5])
-    cam = data.plucker(torch.eye(4), K, 8, 8)
+    cam = camera.plucker(torch.eye(4), K, 8, 8)
     assert cam.shape == (6, 8, 8)
     assert torch.allclose(cam[:3], torch.zeros(3, 8, 8))                # rays through the origin: moment 0
     assert torch.allclose(cam[3:].norm(dim=0), torch.ones(8, 8), atol=1e-6)
     # the moment o x d is the same for any point on the ray
     g = torch.Generator().manual_seed(1)
     c2w = random_pose(g)
-    o, d = data.pixel_rays(c2w, K, 4, 4)
+    o, d = camera.pixel_rays(c2w, K, 4, 4)
     m = torch.cross(o + 2.5 * d, d, dim=-1).movedim(-1, 0)
-    assert torch.allclose(data.plucker(c2w, K, 4, 4)[:3], m, atol=1e-5)
+    assert torch.allclose(camera.plucker(c2w, K, 4, 4)[:3], m, atol=1e-5)
 
 
 def test_json_trajectory(tmp_path):
-    rel, _ = data.preset_path("orbit_left", 6)
+    rel, _ = camera.preset_path("orbit_left", 6)
     path = tmp_path / "traj.json"
     path.write_text(json.dumps(rel.tolist()))
-    P, zoom = data.load_trajectory(str(path), 10)
+    P, zoom = camera.load_trajectory(str(path), 10)
     assert torch.allclose(P[:6], rel) and torch.allclose(P[6:], rel[-1].expand(4, 4, 4))
     assert torch.equal(zoom, torch.ones(10))
     for bad in ["{not json", json.dumps([[1, 2], [3, 4]]), json.dumps([])]:
         path.write_text(bad)
         with pytest.raises(ValueError, match="traj.json"):
-            data.load_trajectory(str(path), 4)
+            camera.load_trajectory(str(path), 4)
     with pytest.raises(ValueError, match="unknown trajectory"):
-        data.trajectory("spin_around", 4)
+        camera.trajectory("spin_around", 4)
 
 
 def _bad_trajectories():
     """(name, JSON object, what the error must say) for trajectories that must be refused."""
-    rel = data.preset_path("orbit_left", 5)[0]
+    rel = camera.preset_path("orbit_left", 5)[0]
     def edit(frame, fn):
         P = rel.clone()
         fn(P[frame])
@@ -125,17 +126,17 @@ def test_bad_trajectory_is_one_error_naming_file_and_frame(tmp_path, name, obj, 
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(obj))                                             # NaN/Infinity: Python's JSON
     with pytest.raises(ValueError) as e:
-        data.load_trajectory(str(path), 8)
+        camera.load_trajectory(str(path), 8)
     assert str(path) in str(e.value) and msg in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_rigid_trajectory_within_tolerance_loads(tmp_path):
     """float32 round-off (poses written with 6 decimals) passes; zoom and padding as given."""
-    rel, _ = data.preset_path("orbit", 6)
+    rel, _ = camera.preset_path("orbit", 6)
     path = tmp_path / "ok.json"
     path.write_text(json.dumps({"poses": [[[round(v, 6) for v in row] for row in P] for P in rel.tolist()],
                                 "zoom": [1, 1.2, 1.5, 1.2, 1, 0.8]}))
-    P, zoom = data.load_trajectory(str(path), 8)
+    P, zoom = camera.load_trajectory(str(path), 8)
     assert torch.allclose(P[:6], rel, atol=1e-6) and zoom.tolist()[-3:] == pytest.approx([0.8, 0.8, 0.8])
 
 # -----------------------------------------------------------------------------
@@ -148,13 +149,13 @@ def test_pure_rotation_is_covisible_and_the_warp_renders_it():
     pixels, under 2%.)"""
     seed, S, n = 2 ** 31 + 11, 64, 4
     for name in ("pan_left", "tilt_up"):
-        rel, zoom = data.preset_path(name, n)
-        c = data.render_clip(seed, n, S, S, rel, zoom, gen=torch.Generator().manual_seed(seed))
-        mask, grid = data.covisibility(c["depth_src"], c["depth_tgt"], c["rel"], c["K_src"], c["K_tgt"])
+        rel, zoom = camera.preset_path(name, n)
+        c = render.render_clip(seed, n, S, S, rel, zoom, gen=torch.Generator().manual_seed(seed))
+        mask, grid = camera.covisibility(c["depth_src"], c["depth_tgt"], c["rel"], c["K_src"], c["K_tgt"])
         inside = ((grid > -1) & (grid < 1)).all(-1)
         assert not (mask & ~inside).any() and (inside & ~mask).sum() < 0.02 * inside.sum()
         assert mask[0].all() and 0.5 < mask[-1].float().mean() < 0.95     # frame 0 is the identity
-        warped = data.warp_source(c["src"], grid)
+        warped = camera.warp_source(c["src"], grid)
         m = mask[:, None].expand_as(warped)
         mse = ((warped - c["tgt"]) / 2)[m].square().mean()
         copy = ((c["src"] - c["tgt"]) / 2)[m].square().mean()
@@ -178,7 +179,7 @@ def test_occluder_hides_what_it_should():
         return torch.where(hit, torch.ones(S, S), 2 * torch.ones(S, S))
 
     d_src, d_tgt = depth_from(0.0), depth_from(0.3)
-    mask, grid = data.covisibility(d_src, d_tgt, rel, K, K)
+    mask, grid = camera.covisibility(d_src, d_tgt, rel, K, K)
     # the truth: the target sees the point P; the source sees P if nothing nearer lies on its ray
     z = d_tgt
     Px, Py = 0.3 + xx * z, yy * z                                      # source-frame coordinates
@@ -196,7 +197,7 @@ def test_detail_ratio_sees_blur_and_grain():
     """eval.detail: 1 for the truth itself, well below 1 for a blurred copy (which PSNR can still
     prefer to a sharp wrong one), above 1 with added grain; by frame, it follows where the blur is."""
     from eval import detail, psnr
-    y = data.render_clip(5, 4, 32, 32)["tgt"][None]                                # (1, 4, 3, 32, 32)
+    y = render.render_clip(5, 4, 32, 32)["tgt"][None]                                # (1, 4, 3, 32, 32)
     blur = F.interpolate(F.avg_pool2d(y[0], 4), scale_factor=4, mode="bilinear")[None]
     grain = y + 0.2 * torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
     assert detail(y, y).item() == pytest.approx(1.0)

@@ -12,9 +12,9 @@ import torch
 import model
 
 from conftest import ROOT
-from distill import dmd_loss, dmd_step, dmd_timestep, real_score, recon_loss, rollout
-from model import (KVCache, PRESETS, decode_target, sample_t, save_checkpoint, student_chunk, student_sample,
-                   student_timesteps)
+from attention import KVCache
+from distill import dmd_loss, dmd_timestep, real_score, recon_loss, rollout, selfforcing_step
+from model import PRESETS, decode_target, save_checkpoint, student_chunk, student_sample, student_timesteps
 from test_model import inputs, random_model
 
 TINY = PRESETS["tiny"]
@@ -115,10 +115,10 @@ def test_gradients_only_through_the_exit_step_and_never_across_chunks():
     assert x.shape == src.shape and m.out.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("chunk,window,src_sees_tgt", [(1, 0, False), (2, 2, False), (1, 2, True)])
+@pytest.mark.parametrize("chunk,window", [(1, 0), (2, 2), (1, 2)])
 @pytest.mark.parametrize("steps", [1, 3])
-def test_cached_few_step_sampler_equals_full_masked_forwards(chunk, window, src_sees_tgt, steps):
-    cfg = replace(TINY, chunk=chunk, window=window, src_sees_tgt=src_sees_tgt)
+def test_cached_few_step_sampler_equals_full_masked_forwards(chunk, window, steps):
+    cfg = replace(TINY, chunk=chunk, window=window)
     m = random_model(cfg)
     B, T = 2, 5
     src, _, cs, ct, _ = inputs(B, T, cfg)
@@ -133,8 +133,7 @@ def test_cached_few_step_sampler_equals_full_masked_forwards(chunk, window, src_
             x, end = noise[0], c0 + n
             for j in range(steps):
                 t = torch.cat([torch.zeros(B, c0), torch.full((B, n), ts[j])], 1)
-                out = m(src[:, :end], torch.cat([done, x], 1), cs[:, :end], ct[:, :end], t, causal=True)[:, c0:]
-                x0 = model.to_x0(out, x, t[:, c0:], cfg)                  # x - t v, or x0 itself (pred x)
+                x0 = m(src[:, :end], torch.cat([done, x], 1), cs[:, :end], ct[:, :end], t, causal=True)[:, c0:]
                 x = (1 - ts[j + 1]) * x0 + ts[j + 1] * noise[j + 1] if j < steps - 1 else x
             done = torch.cat([done, x0], 1)
     ref = decode_target(done, src, cfg)
@@ -148,13 +147,13 @@ def test_distill_stages_end_to_end(script, tmp_path):
     tpath = str(tmp_path / "teacher.pt")
     save_checkpoint(tpath, model=teacher.state_dict(), ema=teacher.state_dict(), config=asdict(TINY), step=0)
     out = str(tmp_path / "student")
-    common = ["--teacher", tpath, "--out", out, "--pairs", 2, "--max_pairs", 2, "--eval_every", 2, "--save_every", 100]
+    common = ["--teacher", tpath, "--out", out, "--pairs", 2, "--max_pairs", 2, "--eval_every", 2]
     r = script("distill.py", "--stage", "causal", "--causal_steps", 2, *common)
     assert "eval causal 2" in r.stdout + r.stderr
-    r = script("distill.py", "--stage", "dmd", "--init", os.path.join(out, "causal.pt"), "--dmd_steps", 2,
+    r = script("distill.py", "--stage", "selfforcing", "--init", os.path.join(out, "causal.pt"), "--selfforcing_steps", 2,
                "--critic_steps", 1, "--dmd", 1, *common)
     log = open(os.path.join(out, "log.txt")).read()
-    assert "causal 1/2" in log and "dmd 1/2" in log and "|g|" in log and "critic" in log
+    assert "causal 1/2" in log and "selfforcing 1/2" in log and "|g|" in log and "critic" in log
     r = script("eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--clips", 1, "--frames", 3, "--families", "orbit,pan",
                "--out", out)
     ev = json.load(open(os.path.join(out, "eval.json")))
@@ -172,7 +171,7 @@ def test_distill_stages_end_to_end(script, tmp_path):
     assert r.returncode != 0 and "student checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 # -----------------------------------------------------------------------------
-# DMD's wiring through dmd_step and critic_step, with analytic scores
+# DMD's wiring through selfforcing_step and critic_step, with analytic scores
 
 
 class ConstX(torch.nn.Module):
@@ -181,7 +180,7 @@ class ConstX(torch.nn.Module):
 
     def __init__(self, c, c_null=None):
         super().__init__()
-        self.cfg = replace(TINY, pred="x")
+        self.cfg = TINY
         self.c = torch.nn.Parameter(torch.tensor(float(c)))
         self.c_null = c_null
 
@@ -207,14 +206,14 @@ def test_dmd_step_moves_the_student_toward_the_real_score():
         assert go(student).abs().max() == 0
         opt, opt_c = torch.optim.SGD(student.parameters(), lr=1.0), torch.optim.SGD(critic.parameters(), lr=0.0)
         g, gs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
-        dmd_step(student, opt, teacher, critic, batch, 2, g, gs, clip=1e9, dmd=1.0, recon=0.0, opt_c=opt_c)
+        selfforcing_step(student, opt, teacher, critic, batch, 2, g, gs, clip=1e9, dmd=1.0, recon=0.0, opt_c=opt_c)
         x = go(student)
         assert (x - real).abs().mean() < 0.5 and x.mean() * real > 0, f"real {real}: rollout mean {x.mean():.3f}"
 
 
 def test_critic_learns_the_students_samples_not_the_truth():
     """The student's rollouts are 0, the truth is 0.8 (residual target src + 0.8): a critic
-    started at 0.4 and updated inside dmd_step goes to the rollouts' 0. Trained on the truth, it
+    started at 0.4 and updated inside selfforcing_step goes to the rollouts' 0. Trained on the truth, it
     would go to 0.8."""
     src, _, cs, ct, _ = inputs(2, 3)
     batch = (src, src + 0.8, cs, ct)
@@ -222,8 +221,8 @@ def test_critic_learns_the_students_samples_not_the_truth():
     opt, opt_c = torch.optim.SGD(student.parameters(), lr=0.0), torch.optim.Adam(critic.parameters(), lr=0.05)
     for step in range(20):
         g, gs = torch.Generator().manual_seed(step), torch.Generator().manual_seed(100 + step)
-        *_, loss_c = dmd_step(student, opt, teacher, critic, batch, 2, g, gs, clip=1e9, dmd=1.0, recon=0.0, opt_c=opt_c,
-                              critic_steps=2)
+        *_, loss_c = selfforcing_step(student, opt, teacher, critic, batch, 2, g, gs, clip=1e9, dmd=1.0, recon=0.0,
+                                      opt_c=opt_c, critic_steps=2)
     assert abs(critic.c.item()) < 0.15 and loss_c.item() < 0.5, f"critic x0 {critic.c.item():.3f}"
 
 
@@ -235,44 +234,41 @@ def test_real_score_guidance_known_answer():
     assert torch.allclose(real_score(teacher, src, xt, cs, ct, t, guidance=2.0), torch.tensor(0.9))
 
 
-def test_recon_loss_kinds_on_known_errors():
-    """Two frames off by a uniform 0.1 and 0.01: "mse" is their joint mean square error and pulls
-    the worse frame's pixels 10x harder; "psnr" is the mean of log(mse + 1e-4) and pulls the
-    better frame harder, by (2 e / (e^2 + eps)) per pixel: 0.2 / 0.0101 against 0.02 / 0.0002."""
+def test_recon_loss_on_known_errors():
+    """Two frames off by a uniform 0.1 and 0.01: the reconstruction term is the mean over frames of
+    log(mse + 1e-4) and pulls the better frame harder, by (2 e / (e^2 + eps)) per pixel: 0.2 / 0.0101
+    against 0.02 / 0.0002 (one mse over both would pull the worse frame 10x harder)."""
     y = torch.zeros(1, 2, 3, 4, 4)
     x = torch.stack([torch.full((3, 4, 4), 0.1), torch.full((3, 4, 4), 0.01)])[None].requires_grad_(True)
-    assert torch.allclose(recon_loss(x, y), torch.tensor((0.01 + 0.0001) / 2))
-    (gm,) = torch.autograd.grad(recon_loss(x, y), x)
-    assert torch.allclose(gm[0, 0] / gm[0, 1], torch.tensor(10.0))
-    lp = recon_loss(x, y, "psnr")
+    lp = recon_loss(x, y)
     assert torch.allclose(lp, (torch.log(torch.tensor(0.01 + 1e-4)) + torch.log(torch.tensor(1e-4 + 1e-4))) / 2)
     (gp,) = torch.autograd.grad(lp, x)
     n = 3 * 4 * 4
     assert torch.allclose(gp[0, 0], torch.tensor(0.2 / 0.0101 / n / 2)) and torch.allclose(gp[0, 1], torch.tensor(0.02 / 0.0002 / n / 2))
 
 
-def dmd_start(tmp_path):
-    """A random tiny teacher and a causal student (window 2) saved as distill.py's dmd stage
-    starts from them: (teacher, student, teacher path, student path)."""
-    teacher, init = random_model(TINY, 1), random_model(replace(TINY, window=2), 0)
+def sf_start(tmp_path, cfg=TINY):
+    """A random tiny teacher and a causal student (window 2) saved as distill.py's selfforcing
+    stage starts from them: (teacher, student, teacher path, student path)."""
+    teacher, init = random_model(cfg, 1), random_model(replace(cfg, window=2), 0)
     tpath, spath = str(tmp_path / "teacher.pt"), str(tmp_path / "causal.pt")
-    save_checkpoint(tpath, model=teacher.state_dict(), ema=teacher.state_dict(), config=asdict(TINY), step=0)
-    save_checkpoint(spath, model=init.state_dict(), ema=init.state_dict(), config=asdict(replace(TINY, window=2)), step=1,
+    save_checkpoint(tpath, model=teacher.state_dict(), ema=teacher.state_dict(), config=asdict(cfg), step=0)
+    save_checkpoint(spath, model=init.state_dict(), ema=init.state_dict(), config=asdict(replace(cfg, window=2)), step=1,
                     student=dict(steps=4, stage="causal"))
     return teacher, init, tpath, spath
 
 
 def test_loss_switches_through_distill(script, tmp_path):
-    """One DMD step from the same start: --recon_loss psnr and --guidance 2 each take another
+    """One DMD step from the same start: --guidance 2 and --recon 0 (DMD alone) each take another
     generator step; the critic is trained on the step's rollout."""
-    teacher, init, tpath, spath = dmd_start(tmp_path)
-    common = ["--stage", "dmd", "--teacher", tpath, "--init", spath, "--dmd_steps", 1, "--critic_steps", 1, "--dmd", 1, "--pairs", 2,
-              "--max_pairs", 2, "--eval_every", 0]
+    teacher, init, tpath, spath = sf_start(tmp_path)
+    common = ["--stage", "selfforcing", "--teacher", tpath, "--init", spath, "--selfforcing_steps", 1, "--critic_steps", 1,
+              "--dmd", 1, "--pairs", 2, "--max_pairs", 2, "--eval_every", 0]
     script("distill.py", *common, "--out", tmp_path / "a")
     script("distill.py", *common, "--out", tmp_path / "b", "--guidance", 2)
-    script("distill.py", *common, "--out", tmp_path / "c", "--recon_loss", "psnr")
-    a, b, c = (torch.load(str(tmp_path / r / "dmd.pt"), weights_only=True) for r in "abc")
-    assert (a["args"]["recon_loss"], c["args"]["recon_loss"], b["args"]["guidance"]) == ("mse", "psnr", 2.0)
+    script("distill.py", *common, "--out", tmp_path / "c", "--recon", 0)
+    a, b, c = (torch.load(str(tmp_path / r / "selfforcing.pt"), weights_only=True) for r in "abc")
+    assert (a["args"]["recon"], c["args"]["recon"], b["args"]["guidance"]) == (1.0, 0.0, 2.0)
     assert not torch.equal(a["model"]["out.weight"], c["model"]["out.weight"])      # another loss, another step
     assert not torch.equal(a["model"]["out.weight"], b["model"]["out.weight"])      # another real score
     assert not torch.equal(a["critic"]["out.weight"], teacher.state_dict()["out.weight"])   # the critic trained
@@ -280,47 +276,53 @@ def test_loss_switches_through_distill(script, tmp_path):
 
 def test_critic_only_where_dmd_runs(script, tmp_path):
     """--dmd 0 (the default) builds no critic: the stage's checkpoint holds none. Resumed with
-    --dmd 1 and more steps, the stage builds one from the teacher, trains it and saves it."""
-    teacher, init, tpath, spath = dmd_start(tmp_path)
+    --dmd 1 and more steps, the stage builds one from the teacher, trains it and saves it. The
+    warp head (the teacher's) trains at its own rate, --warp_lr's default 2e-3."""
+    teacher, init, tpath, spath = sf_start(tmp_path)
     out = tmp_path / "s"
-    common = ["--stage", "dmd", "--teacher", tpath, "--init", spath, "--out", out, "--critic_steps", 1, "--pairs", 2,
+    common = ["--stage", "selfforcing", "--teacher", tpath, "--init", spath, "--out", out, "--critic_steps", 1, "--pairs", 2,
               "--max_pairs", 2, "--eval_every", 0]
-    script("distill.py", *common, "--dmd_steps", 1)
-    ck = torch.load(str(out / "dmd.pt"), weights_only=True)
+    script("distill.py", *common, "--selfforcing_steps", 1)
+    ck = torch.load(str(out / "selfforcing.pt"), weights_only=True)
     assert ck["step"] == 1 and "critic" not in ck and "optim_critic" not in ck
-    script("distill.py", *common, "--dmd_steps", 2, "--dmd", 1, "--resume")
-    ck = torch.load(str(out / "dmd.pt"), weights_only=True)
+    assert [g["lr"] for g in ck["optim"]["param_groups"]] == [5e-5, 2e-3]
+    script("distill.py", *common, "--selfforcing_steps", 2, "--dmd", 1, "--resume")
+    ck = torch.load(str(out / "selfforcing.pt"), weights_only=True)
     assert ck["step"] == 2 and "optim_critic" in ck
     assert not torch.equal(ck["critic"]["out.weight"], teacher.state_dict()["out.weight"])     # trained from the teacher
 
 
 def test_warp_head_added_to_a_student_through_distill(script, tmp_path):
-    """--warp continues a student that has no warp head: its weights load, the head starts at 0 and
-    trains at --warp_lr (its own optimizer group); --resume keeps the head and both rates."""
-    teacher, init, tpath, spath = dmd_start(tmp_path)
+    """A teacher and a student without the warp head: the student gets one, its weights load, the
+    head starts at 0 and trains at --warp_lr (its own optimizer group); --resume keeps the head and
+    both rates."""
+    teacher, init, tpath, spath = sf_start(tmp_path, replace(TINY, warp=()))
     out = tmp_path / "s"
-    common = ["--stage", "dmd", "--teacher", tpath, "--init", spath, "--out", out, "--pairs", 2, "--max_pairs", 2,
-              "--eval_every", 0, "--warp", "--warp_lr", 1e-3]
-    script("distill.py", *common, "--dmd_steps", 2)
-    ck = torch.load(str(out / "dmd.pt"), weights_only=True)
+    common = ["--stage", "selfforcing", "--teacher", tpath, "--init", spath, "--out", out, "--pairs", 2, "--max_pairs", 2,
+              "--eval_every", 0, "--warp_lr", 1e-3]
+    script("distill.py", *common, "--selfforcing_steps", 2)
+    ck = torch.load(str(out / "selfforcing.pt"), weights_only=True)
+    assert "warp_out.weight" not in init.state_dict()
     assert tuple(ck["config"]["warp"]) == model.WARP_PLANES and ck["model"]["warp_out.weight"].abs().sum() > 0
     assert [g["lr"] for g in ck["optim"]["param_groups"]] == [5e-5, 1e-3]
     assert not torch.equal(ck["model"]["patch_embed.weight"], init.state_dict()["patch_embed.weight"])   # all of it trains
-    script("distill.py", *common, "--dmd_steps", 3, "--resume")
-    ck2 = torch.load(str(out / "dmd.pt"), weights_only=True)
+    script("distill.py", *common, "--selfforcing_steps", 3, "--resume")
+    ck2 = torch.load(str(out / "selfforcing.pt"), weights_only=True)
     assert ck2["step"] == 3 and tuple(ck2["config"]["warp"]) == model.WARP_PLANES
     assert [g["lr"] for g in ck2["optim"]["param_groups"]] == [5e-5, 1e-3]
     assert not torch.equal(ck["model"]["warp_out.weight"], ck2["model"]["warp_out.weight"])
 
 
 def test_distill_from_the_shipped_teacher(script, tmp_path):
-    """README: `distill.py --teacher checkpoints/teacher_small.pt` (a float16 release file) runs
-    both stages."""
+    """README: `distill.py --teacher checkpoints/teacher_small.pt` (a float16 release file, no warp
+    head) runs both stages; the student gets the warp head."""
     out = tmp_path / "s"
     script("distill.py", "--teacher", os.path.join(ROOT, "checkpoints", "teacher_small.pt"), "--out", out,
-           "--causal_steps", 1, "--dmd_steps", 1, "--critic_steps", 1, "--pairs", 2, "--max_pairs", 2, "--eval_every", 0)
+           "--causal_steps", 1, "--selfforcing_steps", 1, "--critic_steps", 1, "--pairs", 2, "--max_pairs", 2,
+           "--eval_every", 0)
     ck = torch.load(str(out / "ckpt.pt"), weights_only=True)
-    assert ck["step"] == 1 and ck["student"]["stage"] == "dmd" and ck["config"]["size"] == 32
+    assert ck["step"] == 1 and ck["student"]["stage"] == "selfforcing" and ck["config"]["size"] == 32
+    assert tuple(ck["config"]["warp"]) == model.WARP_PLANES
     assert all(v.dtype == torch.float32 for v in ck["model"].values())
 
 
@@ -328,13 +330,14 @@ def test_reconstruction_term_pulls_the_rollout_to_the_truth():
     """With the critic equal to the teacher (and not updated) the DMD gradient is exactly zero (x0_fake = x0_real):
     without --recon the student does not move; with it, the rollout's error against the true
     target falls step after step."""
+    import camera
     import data
-    cfg = replace(TINY, window=2, pred="x")
+    cfg = replace(TINY, window=2)
     S = cfg.size
     b = data.synthetic_batch(0, 4, 2, S, S)
-    cs, ct = data.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
+    cs, ct = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
     batch = (b["src"], b["tgt"], cs, ct)
-    teacher = random_model(replace(TINY, pred="x"), 1).requires_grad_(False)
+    teacher = random_model(TINY, 1).requires_grad_(False)
 
     def run(recon, n):
         student = random_model(cfg, 0)
@@ -344,7 +347,8 @@ def test_reconstruction_term_pulls_the_rollout_to_the_truth():
         errs = []
         for i in range(n):
             g, gs = torch.Generator().manual_seed(i), torch.Generator().manual_seed(100 + i)
-            dmd_step(student, opt, teacher, teacher, batch, 2, g, gs, clip=10.0, recon=recon, critic_steps=0)
+            selfforcing_step(student, opt, teacher, teacher, batch, 2, g, gs, clip=10.0, recon=recon, dmd=1.0,
+                             critic_steps=0)
             with torch.no_grad():
                 x = rollout(student, b["src"], cs, ct, 2, 1, torch.Generator().manual_seed(7))
             errs.append((decode_target(x, b["src"], cfg) - b["tgt"]).square().mean().item())
@@ -360,18 +364,19 @@ def test_reconstruction_term_pulls_the_rollout_to_the_truth():
 def test_dmd_weight_zero_is_self_forcing_on_the_truth_alone():
     """--dmd 0: the generator step never calls the teacher or the critic (both None here) and
     the reconstruction term alone pulls the student's own rollout to the true target."""
+    import camera
     import data
-    cfg = replace(TINY, window=2, pred="x")
+    cfg = replace(TINY, window=2)
     S = cfg.size
     b = data.synthetic_batch(0, 4, 4, S, S)
-    cs, ct = data.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
+    cs, ct = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
     batch = (b["src"], b["tgt"], cs, ct)
     student = random_model(cfg, 0)
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     errs = []
     for i in range(15):
         g, gs = torch.Generator().manual_seed(i), torch.Generator().manual_seed(100 + i)
-        loss, gnorm_g, *_ = dmd_step(student, opt, None, None, batch, 2, g, gs, clip=10.0, recon=1.0, dmd=0.0)
+        loss, gnorm_g, *_ = selfforcing_step(student, opt, None, None, batch, 2, g, gs, clip=10.0, recon=1.0, dmd=0.0)
         assert gnorm_g.abs().sum() == 0
         with torch.no_grad():
             x = rollout(student, b["src"], cs, ct, 2, 1, torch.Generator().manual_seed(7))
@@ -387,20 +392,20 @@ def _ddp_worker(rank, world, init, out):
     """One rank: different weights and gradients on each; broadcast, then the bucketed all-reduce
     (all_reduce calls counted); what it holds after each is saved for the test."""
     import torch.distributed as dist
-    import distill
+    import common
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     calls, inner = [], dist.all_reduce
     dist.all_reduce = lambda t, *a, **k: (calls.append(t.numel()), inner(t, *a, **k))[1]
     m = random_model(TINY, seed=rank)
-    distill.broadcast([m])
+    common.broadcast([m])
     g = torch.Generator().manual_seed(10 + rank)
     for q in m.parameters():
         q.grad = torch.randn(q.shape, generator=g)
     own = {k: q.grad.clone() for k, q in m.named_parameters()}
-    distill.allreduce(m, world)                                  # one bucket: `tiny` is small
+    common.allreduce(m, world)                                  # one bucket: `tiny` is small
     one = list(calls)
-    distill.allreduce(m, world, cap=20_000)                      # small buckets: the mean stays the mean
+    common.allreduce(m, world, cap=20_000)                      # small buckets: the mean stays the mean
     torch.save(dict(weights=m.state_dict(), own=own, avg={k: q.grad for k, q in m.named_parameters()}, one=one,
                     calls=calls[len(one):]),
                os.path.join(out, f"rank{rank}.pt"))
@@ -434,13 +439,13 @@ def test_ddp_stage_all_hands_over(tmp_path, device):
     tpath, out = str(tmp_path / "teacher.pt"), str(tmp_path / "s")
     save_checkpoint(tpath, model=t.state_dict(), ema=t.state_dict(), config=asdict(TINY), step=0)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "distill.py",
-                        "--teacher", tpath, "--out", out, "--causal_steps", "3", "--dmd_steps", "2", "--critic_steps", "1", "--dmd", "1",
-                        "--pairs", "2", "--max_pairs", "2", "--eval_every", "0", "--save_every", "100", "--device", device],
+                        "--teacher", tpath, "--out", out, "--causal_steps", "3", "--selfforcing_steps", "2", "--critic_steps", "1",
+                        "--dmd", "1", "--pairs", "2", "--max_pairs", "2", "--eval_every", "0", "--device", device],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 pairs x 2 a step" in r.stdout and "dmd: 0..2 steps from " + os.path.join(out, "causal.pt") in r.stdout
+    assert "2 pairs x 2 a step" in r.stdout and "selfforcing: 0..2 steps from " + os.path.join(out, "causal.pt") in r.stdout
     causal, final = (torch.load(os.path.join(out, f), weights_only=True) for f in ("causal.pt", "ckpt.pt"))
-    assert causal["step"] == 3 and final["step"] == 2 and final["student"]["stage"] == "dmd"
+    assert causal["step"] == 3 and final["step"] == 2 and final["student"]["stage"] == "selfforcing"
 
 
 def test_time_boxed_distillation(script, tmp_path):
@@ -450,21 +455,21 @@ def test_time_boxed_distillation(script, tmp_path):
     t = random_model(TINY, 1)
     tpath, out = str(tmp_path / "teacher.pt"), str(tmp_path / "s")
     save_checkpoint(tpath, model=t.state_dict(), ema=t.state_dict(), config=asdict(TINY), step=0)
-    args = ["distill.py", "--teacher", tpath, "--out", out, "--minutes", 0.15, "--causal_share", 0.4, "--critic_steps", 1,
-            "--pairs", 2, "--max_pairs", 2, "--eval_every", 10 ** 6, "--save_every", 10 ** 6]
+    args = ["distill.py", "--teacher", tpath, "--out", out, "--minutes", 0.15, "--critic_steps", 1,
+            "--pairs", 2, "--max_pairs", 2, "--eval_every", 10 ** 6]
     r = script(*args)
-    assert "causal: time is up" in r.stdout and "dmd: time is up" in r.stdout, r.stdout
+    assert "causal: time is up" in r.stdout and "selfforcing: time is up" in r.stdout, r.stdout
     s = json.load(open(os.path.join(out, "summary.json")))["stages"]
-    c, d = s["causal"], s["dmd"]
-    assert c["budget_seconds"] == pytest.approx(3.6) and 3.6 <= c["train_seconds"] < 3.6 + 30
+    c, d = s["causal"], s["selfforcing"]
+    assert c["budget_seconds"] == pytest.approx(1.8) and 1.8 <= c["train_seconds"] < 1.8 + 30     # distill.CAUSAL_SHARE
     assert d["budget_seconds"] == pytest.approx(9 - c["train_seconds"]) and d["train_seconds"] >= d["budget_seconds"]
     assert c["steps"] >= 1 and d["steps"] >= 1 and c["last_eval"] and d["last_eval"]
     causal, final = (torch.load(os.path.join(out, f), weights_only=True) for f in ("causal.pt", "ckpt.pt"))
-    assert causal["step"] == c["steps"] and final["step"] == d["steps"] and final["student"]["stage"] == "dmd"
+    assert causal["step"] == c["steps"] and final["step"] == d["steps"] and final["student"]["stage"] == "selfforcing"
     assert causal["train_seconds"] >= c["train_seconds"]
     evals = [json.loads(line) for line in open(os.path.join(out, "evals.jsonl"))]
-    assert [(e["stage"], e["step"]) for e in evals] == [("causal", c["steps"]), ("dmd", d["steps"])]
+    assert [(e["stage"], e["step"]) for e in evals] == [("causal", c["steps"]), ("selfforcing", d["steps"])]
     r = script(*args)                                                       # --stage all continues: nothing left
     s2 = json.load(open(os.path.join(out, "summary.json")))["stages"]
-    assert s2["causal"]["steps_this_run"] == 0 and s2["dmd"]["steps_this_run"] == 0
+    assert s2["causal"]["steps_this_run"] == 0 and s2["selfforcing"]["steps_this_run"] == 0
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == d["steps"]

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+import camera
 import data
+import render
 
 
 def write_raw(path, frames, codec="libx264", pix_fmt="yuv420p", fps=10):
@@ -24,7 +26,7 @@ def write_raw(path, frames, codec="libx264", pix_fmt="yuv420p", fps=10):
 
 
 def test_video_round_trip(tmp_path):
-    clip = data.render_clip(1, 6, 32, 32)["src"]
+    clip = render.render_clip(1, 6, 32, 32)["src"]
     path = str(tmp_path / "v.mp4")
     data.write_video(path, clip, fps=12)
     back = torch.stack(list(data.read_video(path)))
@@ -73,7 +75,7 @@ def test_on_disk_format_round_trip_and_errors(tmp_path):
     q = lambda v: torch.as_tensor(data.to_uint8(v)).int()
     assert torch.equal(q(sc["frames"]), q(frames))           # lossless: the rendered pixels, to 8 bits
     # camera 0 is the base path; the others are relative to it frame by frame
-    assert torch.allclose(data.relative_pose(sc["c2w"][0], sc["c2w"][0]), torch.eye(4).expand(5, 4, 4), atol=1e-5)
+    assert torch.allclose(camera.relative_pose(sc["c2w"][0], sc["c2w"][0]), torch.eye(4).expand(5, 4, 4), atol=1e-5)
     ds = data.MultiViewDataset(str(tmp_path), 16)
     b = ds.batch(0, pairs=6, max_pairs=3)
     assert b["src"].shape[2:] == (3, 16, 16) and b["rel"].shape[-2:] == (4, 4)
@@ -125,7 +127,7 @@ def test_multicam_conversion_round_trip(script, tmp_path):
     assert "converted 1 scenes" in r.stdout
     sc = data.load_scene(str(out / "scene_00000"))
     assert sc["frames"].shape == (3, 5, 3, 16, 16)
-    rel = data.relative_pose(sc["c2w"][0], sc["c2w"][2])
-    assert torch.allclose(rel, data.relative_pose(c2w[0], c2w[2]), atol=1e-4)
+    rel = camera.relative_pose(sc["c2w"][0], sc["c2w"][2])
+    assert torch.allclose(rel, camera.relative_pose(c2w[0], c2w[2]), atol=1e-4)
     r = script("data.py", "--multicam", tmp_path / "out", "--out", out, "--fx", 1.0, ok=False)
     assert "no cameras/camera_extrinsics.json" in r.stderr and "Traceback" not in r.stderr

@@ -7,7 +7,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import camera
 import data
+import render
 import eval as E
 from loopaug import LoopSampler, camera_cycle, load_loop, palindrome, write_loop
 from model import PRESETS, save_checkpoint, student_sample
@@ -26,7 +28,7 @@ def dataset(tmp_path_factory):
 
 
 def test_palindrome_closes_and_mirrors():
-    clip = data.render_clip(3, 5, 16, 16, *data.preset_path("orbit_left", 5))
+    clip = render.render_clip(3, 5, 16, 16, *camera.preset_path("orbit_left", 5))
     seq = palindrome(clip, laps=2)
     n = seq["src"].shape[0]
     assert n == 2 * (2 * 5 - 2) + 1
@@ -79,7 +81,7 @@ def test_every_sampled_loop_closes_in_pose_and_time(dataset):
 
 
 def test_loop_dataset_round_trip_and_cli(script, dataset, tmp_path):
-    clip = data.render_clip(3, 4, 16, 16, *data.preset_path("pan_left", 4))
+    clip = render.render_clip(3, 4, 16, 16, *camera.preset_path("pan_left", 4))
     seq = palindrome(clip)
     write_loop(str(tmp_path / "l"), seq)
     back = load_loop(str(tmp_path / "l"))
@@ -96,16 +98,16 @@ def test_loop_dataset_round_trip_and_cli(script, dataset, tmp_path):
 def test_loops_through_the_student_and_distill(script, dataset, tmp_path):
     m = random_model(TINY)
     b = LoopSampler(dataset, 16).batch(1, pairs=6, max_pairs=5)
-    cs, ct = data.pair_rays(b["rel"], b["K_src"], b["K_tgt"], 16, 16)
+    cs, ct = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], 16, 16)
     x = student_sample(m, b["src"], cs, ct, 2)
     assert x.shape == b["tgt"].shape and torch.isfinite(x).all()
     tpath = str(tmp_path / "teacher.pt")
     save_checkpoint(tpath, model=m.state_dict(), ema=m.state_dict(), config=asdict(TINY), step=0)
     out = str(tmp_path / "s")
     r = script("distill.py", "--teacher", tpath, "--out", out, "--data", dataset, "--loopaug", 1.0,
-               "--causal_steps", 1, "--dmd_steps", 2, "--critic_steps", 1, "--pairs", 3, "--max_pairs", 3,
+               "--causal_steps", 1, "--selfforcing_steps", 2, "--critic_steps", 1, "--pairs", 3, "--max_pairs", 3,
                "--eval_every", 100)
-    assert "dmd 1/2" in open(os.path.join(out, "log.txt")).read()
+    assert "selfforcing 1/2" in open(os.path.join(out, "log.txt")).read()
     r = script("distill.py", "--teacher", tpath, "--out", out, "--loopaug", 0.5, ok=False)
     assert "--loopaug builds loops from a multi-view dataset" in r.stderr
     # the loop benchmark on the student

@@ -1,14 +1,15 @@
 """The interleaved DiT: shapes, masks, KV-cached streaming against the full forward, samplers,
 checkpoints."""
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 
 import model
-from model import (PRESETS, KVCache, RealCamDiT, add_noise, flops_per_forward, load_model, num_params,
-                   sample_t, save_checkpoint, shift_t, teacher_sample, v_to_x0, visible)
+from attention import KVCache, visible
+from model import (PRESETS, RealCamDiT, add_noise, config_from, flops_per_forward, load_checkpoint, load_model,
+                   num_params, sample_t, save_checkpoint, shift_t, teacher_sample)
 
 TINY = PRESETS["tiny"]
 
@@ -53,7 +54,7 @@ def test_fresh_model_starts_at_zero_and_backprops(ada_single):
 def test_ada_single_shares_one_projection():
     """adaLN-single: one (D -> 6D) projection for all blocks plus a 6D table a block, instead of
     a projection a block: depth - 1 projections fewer, depth tables more."""
-    cfg = replace(TINY, depth=3)
+    cfg = replace(TINY, depth=3, ada_single=False)
     n = lambda c: sum(p.numel() for p in RealCamDiT(c).parameters())
     D = cfg.dim
     assert n(cfg) - n(replace(cfg, ada_single=True)) == (cfg.depth - 1) * (D * 6 * D + 6 * D) - cfg.depth * 6 * D
@@ -78,18 +79,18 @@ def test_camera_rope_positions():
     patch's rays cut the plane z = 1 / rho in the source image: for a pure rotation that is the
     same point for every plane (the true correspondence whatever the depth); for a sideways move
     it shifts by rho * baseline * grid patches (fx = 1)."""
-    import data
+    import camera
     cfg = replace(PRESETS["small"], cam_rope=(2.0, 1.0, 0.5, 0.0))
     S, g = cfg.size, cfg.size // cfg.patch
     K = torch.tensor([[[1.0, 1.0, 0.5, 0.5]]])
     grid = torch.arange(g, dtype=torch.float32)
-    cs, ct = data.pair_rays(torch.eye(4)[None, None], K, K, S, S)
+    cs, ct = camera.pair_rays(torch.eye(4)[None, None], K, K, S, S)
     row, col = model.plane_positions(cs, cfg)
     assert torch.allclose(col[0], grid.repeat(g).expand(4, -1), atol=1e-5)
     assert torch.allclose(row[0], grid.repeat_interleave(g).expand(4, -1), atol=1e-5)
     # pan: target pixel centre rays rotated; where they land in the source, computed directly
-    rel, _ = data.preset_path("pan_left", 2)
-    cs, ct = data.pair_rays(rel[None, 1:], K, K, S, S)
+    rel, _ = camera.preset_path("pan_left", 2)
+    cs, ct = camera.pair_rays(rel[None, 1:], K, K, S, S)
     row, col = model.plane_positions(ct, cfg)
     c = (grid + 0.5) / g - 0.5
     d = torch.stack([c.repeat(g), c.repeat_interleave(g), torch.ones(g * g)], -1) @ rel[1, :3, :3].T
@@ -98,16 +99,16 @@ def test_camera_rope_positions():
     # truck right by 0.25: the point at depth 1 / rho on a target ray lies rho * 0.25 further right in x / z
     rel = torch.eye(4)
     rel[0, 3] = 0.25
-    _, ct = data.pair_rays(rel[None, None], K, K, S, S)
+    _, ct = camera.pair_rays(rel[None, None], K, K, S, S)
     _, col = model.plane_positions(ct, cfg)
     rho = torch.tensor(cfg.cam_rope)[:, None]
     assert torch.allclose(col[0], grid.repeat(g) + rho * 0.25 * g, atol=1e-4)
 
 
 def test_x_prediction_starts_as_copy_the_source():
-    """With x-prediction of the residual (target - source) and a zero output layer, a fresh
-    model's samples are the source frames exactly, whatever the noise."""
-    m = RealCamDiT(replace(TINY, pred="x"))
+    """With x-prediction of the residual (target - source) and a zero output layer (the warp
+    head's gate at 0), a fresh model's samples are the source frames exactly, whatever the noise."""
+    m = RealCamDiT(TINY)
     src, xt, cs, ct, t = inputs(2, 3)
     src = src.clamp(-1, 1)
     assert torch.equal(teacher_sample(m, src, cs, ct, steps=3, generator=torch.Generator().manual_seed(0)), src)
@@ -115,9 +116,10 @@ def test_x_prediction_starts_as_copy_the_source():
 
 def test_warp_head_starts_as_the_network_without_it():
     """A network given the warp head (zero weights) computes what it computed without: the gate
-    is 0, so the added term is 0, and distill.py --warp continues a student."""
-    plain = random_model()
-    m = RealCamDiT(replace(TINY, warp=model.WARP_PLANES)).eval()
+    is 0, so the added term is 0, and distill.py continues a student without it."""
+    plain = random_model(replace(TINY, warp=()))
+    m = RealCamDiT(TINY).eval()
+    assert TINY.warp == model.WARP_PLANES
     missing = m.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert sorted(missing) == ["warp_out.bias", "warp_out.weight"]
     src, xt, cs, ct, t = inputs(2, 3)
@@ -130,18 +132,18 @@ def test_warp_head_starts_as_the_network_without_it():
 def test_warp_head_moves_the_source_as_the_plane_says(k, K_src, K_tgt):
     """Known answer: a target camera moved and turned against the source, a scene that is the
     fronto-parallel plane z = 1 / rho_k. With the gate open (1) and every pixel's choice on plane
-    k, the output is the source resampled where data.reproject sends each target pixel: the
+    k, the output is the source resampled where camera.reproject sends each target pixel: the
     depth-warp oracle of that scene, for any intrinsics of source and target (focal lengths other
     than 1, off-centre principal points: the source's are read from its rays)."""
-    import data
+    import camera
     cfg = replace(TINY, warp=model.WARP_PLANES)
     m, p, S, P = RealCamDiT(cfg), cfg.patch, cfg.size, len(cfg.warp)
     with torch.no_grad():
         b = m.warp_out.bias.view(P + 1, p, p)
         b[k], b[P] = 50.0, 1.0                                   # one-hot plane k, gate 1
-    rel = data.camera_path(yaw=0.1, pitch=-0.05, move=(0.15, 0.05, 0.1), n=1)[0]   # (1, 4, 4)
+    rel = camera.camera_path(yaw=0.1, pitch=-0.05, move=(0.15, 0.05, 0.1), n=1)[0]   # (1, 4, 4)
     Ks, Kt = torch.tensor([K_src]), torch.tensor([K_tgt])
-    cs, ct = data.pair_rays(rel[None], Ks[None], Kt[None], S, S)
+    cs, ct = camera.pair_rays(rel[None], Ks[None], Kt[None], S, S)
     assert torch.allclose(model.source_intrinsics(cs), Ks[None], atol=1e-5)
     src = torch.randn(1, 1, 3, S, S)
     cam = model.frame_cond(cfg, src, ct)
@@ -154,8 +156,8 @@ def test_warp_head_moves_the_source_as_the_plane_says(k, K_src, K_tgt):
     ray = torch.stack([px.expand(S, S), py[:, None].expand(S, S), torch.ones(S, S)], -1)   # (H, W, 3)
     R, c = rel[0, :3, :3], rel[0, :3, 3]
     depth = ((1 / cfg.warp[k] - c[2]) / (ray @ R.T)[..., 2] if cfg.warp[k] else torch.full((S, S), float("inf")))[None, None]
-    uv, _, _ = data.reproject(depth, rel[None], Ks[None], Kt[None])
-    want = data.warp_source(src, uv * 2 - 1)
+    uv, _, _ = camera.reproject(depth, rel[None], Ks[None], Kt[None])
+    want = camera.warp_source(src, uv * 2 - 1)
     assert torch.allclose(got, want, atol=1e-4)
 
 
@@ -181,7 +183,9 @@ def test_masks():
 
 def stream(m, src, x0, xt, cs, ct, t, source_once):
     """Chunk-by-chunk with a KV cache: for chunk c, the noisy targets attend to the cache
-    (clean earlier chunks), then a pass with the clean targets at t = 0 writes the chunk."""
+    (clean earlier chunks), then a pass with the clean targets at t = 0 writes the chunk. The
+    sources are encoded once before (source_once, as model.student_chunk does), or run in the
+    same passes as the targets."""
     cfg, (B, T) = m.cfg, src.shape[:2]
     cache, outs = KVCache(cfg), []
     k = model.source_intrinsics(cs)                                              # the warp head's (B, T, 4)
@@ -205,22 +209,22 @@ def stream(m, src, x0, xt, cs, ct, t, source_once):
     return torch.cat(outs, 1), cache
 
 
-@pytest.mark.parametrize("chunk,window,sink,src_sees_tgt,cam_rope", [
-    (1, 0, 0, False, ()), (1, 2, 0, False, ()), (1, 3, 1, False, ()), (2, 2, 0, False, ()), (1, 2, 0, True, ()),
-    (2, 0, 0, True, ()), (1, 2, 0, False, (1.0, 0.0)), (3, 2, 1, False, (1.5, 0.5))])
+@pytest.mark.parametrize("chunk,window,sink,source_once,cam_rope", [
+    (1, 0, 0, True, ()), (1, 2, 0, True, ()), (1, 3, 1, True, ()), (2, 2, 0, True, ()), (1, 2, 0, False, ()),
+    (2, 0, 0, False, ()), (1, 2, 0, True, (1.0, 0.0)), (3, 2, 1, True, (1.5, 0.5))])
 @pytest.mark.parametrize("src_concat,ada_single,warp", [(False, False, ()), (True, False, ()), (True, True, ()),
                                                       (True, True, (0.0, 1.0))])
-def test_kv_cache_equals_full_causal_forward(chunk, window, sink, src_sees_tgt, cam_rope, src_concat, ada_single, warp):
+def test_kv_cache_equals_full_causal_forward(chunk, window, sink, source_once, cam_rope, src_concat, ada_single, warp):
     """KV-cached chunk-by-chunk inference equals the full block-causal forward (same rolling
     window as a mask) to 1e-5 relative error in float32, camera RoPE, source concat,
-    adaLN-single and the warp head included."""
-    cfg = replace(TINY, chunk=chunk, window=window, sink=sink, src_sees_tgt=src_sees_tgt, cam_rope=cam_rope,
+    adaLN-single and the warp head included, with the sources encoded once or beside the targets."""
+    cfg = replace(TINY, chunk=chunk, window=window, sink=sink, cam_rope=cam_rope,
                   src_concat=src_concat, ada_single=ada_single, warp=warp)
     m = random_model(cfg)
     B, T = 2, 7
     src, xt, cs, ct, t = inputs(B, T, cfg)
     x0 = torch.randn_like(xt)
-    got, cache = stream(m, src, x0, xt, cs, ct, t, source_once=not src_sees_tgt)
+    got, cache = stream(m, src, x0, xt, cs, ct, t, source_once=source_once)
     # reference: for chunk c, a full masked forward with clean earlier chunks and noisy chunk c
     for c0 in range(0, T, chunk):
         sl = slice(c0, min(T, c0 + chunk))
@@ -248,7 +252,7 @@ def test_flow_helpers():
     g = torch.Generator().manual_seed(0)
     x0, e, t = torch.randn(2, 3, 3, 4, 4, generator=g), torch.randn(2, 3, 3, 4, 4, generator=g), torch.rand(2, 3, generator=g)
     xt = add_noise(x0, e, t)
-    assert torch.allclose(v_to_x0(xt, e - x0, t), x0, atol=1e-5)       # x0 = x_t - t v
+    assert torch.allclose(xt - t[..., None, None, None] * (e - x0), x0, atol=1e-5)   # x0 = x_t - t v, v = e - x0
     s = sample_t((10000,), 2.0, g)
     assert s.min() >= 0 and s.max() <= 1 and s.mean() > 0.55           # shifted toward noise
     u = torch.linspace(0, 1, 11)
@@ -256,32 +260,28 @@ def test_flow_helpers():
 
 
 class Oracle(torch.nn.Module):
-    """Predicts the exact rectified-flow answer toward a known x0: the velocity
-    v = (x_t - x0) / t (pred 'v') or x0 itself (pred 'x')."""
+    """Predicts the exact rectified-flow answer toward a known x0: x0 itself."""
     def __init__(self, cfg, x0):
         super().__init__()
         self.cfg, self.x0 = cfg, x0
 
     def forward(self, src, xt, cs, ct, t):
-        if self.cfg.pred == "x":
-            return self.x0.expand_as(xt)
-        return (xt - self.x0) / t[..., None, None, None].clamp(min=1e-8)
+        return self.x0.expand_as(xt)
 
 
-@pytest.mark.parametrize("pred", ["v", "x"])
-def test_euler_sampler_on_a_known_flow(pred):
-    """With the exact velocity field (or the exact x0) the Euler sampler lands on x0 from any noise."""
+def test_euler_sampler_on_a_known_flow():
+    """With the exact x0 (so the exact velocity (x_t - x0) / t) the Euler sampler lands on x0 from any noise."""
     g = torch.Generator().manual_seed(0)
     src, cs = torch.rand(2, 3, 3, 16, 16, generator=g) - 0.5, torch.zeros(2, 3, 6, 16, 16)
     tgt = torch.rand(2, 3, 3, 16, 16, generator=g) - 0.5
-    out = teacher_sample(Oracle(replace(TINY, pred=pred), tgt - src), src, cs, cs, steps=7, generator=g)   # residual x0
+    out = teacher_sample(Oracle(TINY, tgt - src), src, cs, cs, steps=7, generator=g)   # residual x0
     assert torch.allclose(out, tgt, atol=1e-5)
 
 
 @pytest.mark.parametrize("ada_single", [False, True])
 def test_flop_count_matches_torch_counter(ada_single):
     from torch.utils.flop_counter import FlopCounterMode
-    cfg = replace(TINY, ada_single=ada_single)
+    cfg = replace(TINY, ada_single=ada_single, warp=())        # flops_per_forward leaves the warp head out
     m = random_model(cfg)
     src, xt, cs, ct, t = inputs(2, 3, cfg)
     with FlopCounterMode(display=False) as fc:
@@ -307,3 +307,26 @@ def test_checkpoint_round_trip(tmp_path):
     assert (v - v3).abs().max() < 1e-2 * v.abs().max()
     meta = json.load(open(tmp_path / "release.json"))
     assert meta["step"] == 3 and meta["commands"] == ["python teacher.py"]
+
+
+def test_config_from_checkpoints_of_any_version(tmp_path):
+    """config_from: a field a checkpoint predates takes the value that rebuilds its network (the
+    shipped teacher has no warp head, its student one); the removed fields are accepted at the value
+    kept, and a v-prediction network or sources that attend to targets are one clear ValueError."""
+    assert config_from(asdict(TINY)) == TINY                               # written now
+    teacher, student = (load_checkpoint(str(model.SHIPPED_STUDENT).replace("student_small", n))["config"]
+                        for n in ("teacher_small", "student_small"))
+    assert "warp" not in teacher and config_from(teacher).warp == () and config_from(teacher).ada_single
+    assert teacher["pred"] == "x" and config_from(student).warp == model.WARP_PLANES
+    old = dict(size=16, patch=4, dim=64, depth=2, heads=2, residual=True, src_sees_tgt=False, pred="x", cam_rope=())
+    assert config_from(old) == replace(TINY, src_concat=False, cam_rope=(), ada_single=False, warp=())
+    for bad, why in ((dict(old, pred="v"), "velocity"), ({k: v for k, v in old.items() if k not in ("pred", "cam_rope")},
+                                                          "velocity"),
+                     (dict(old, src_sees_tgt=True), "attend to target"), (dict(old, colour=1), "colour")):
+        with pytest.raises(ValueError, match=why):
+            config_from(bad)
+    m = random_model()
+    path = str(tmp_path / "v.pt")
+    save_checkpoint(path, model=m.state_dict(), config=dict(asdict(TINY), pred="v"), step=0)
+    with pytest.raises(ValueError, match=f"{path}: its network predicts the velocity"):
+        load_model(path)

@@ -1,7 +1,9 @@
 """The procedural renderer: determinism and multi-view geometric consistency."""
 import torch
 
+import camera
 import data
+import render
 
 
 def test_deterministic_per_seed():
@@ -25,17 +27,17 @@ def test_geometric_consistency():
     """A pixel of a static scene, lifted with its depth from camera A and projected into
     camera B, lands on the same colour (Lambertian shading, solid textures)."""
     H = W = 64
-    scene = data.make_scene(11)
+    scene = render.make_scene(11)
     scene["amp"].zero_()                                               # freeze the motion
-    A = data.look_at(torch.tensor([0.0, 0.4, -1.0]), torch.tensor([0.0, 0.1, 0.0]))
-    B = A @ data.preset_path("orbit_left", 3)[0][1]                  # 15 degrees around the subject
+    A = camera.look_at(torch.tensor([0.0, 0.4, -1.0]), torch.tensor([0.0, 0.1, 0.0]))
+    B = A @ camera.preset_path("orbit_left", 3)[0][1]                  # 15 degrees around the subject
     K = torch.tensor([1.0, 1.0, 0.5, 0.5])
-    rgb, depth = data.render(scene, torch.stack([A, B]), K.expand(2, 4), torch.zeros(2), H, W, ss=1)
-    o, d = data.pixel_rays(A, K, H, W)
+    rgb, depth = render.render(scene, torch.stack([A, B]), K.expand(2, 4), torch.zeros(2), H, W, ss=1)
+    o, d = camera.pixel_rays(A, K, H, W)
     z_dir = (d * A[:3, 2]).sum(-1)
     pts = o + d * (depth[0] / z_dir)[..., None]                        # (H, W, 3) world points
     valid = torch.isfinite(depth[0])
-    p_b = (data.invert_pose(B) @ torch.cat([pts, torch.ones(H, W, 1)], -1)[..., None])[..., :3, 0]
+    p_b = (camera.invert_pose(B) @ torch.cat([pts, torch.ones(H, W, 1)], -1)[..., None])[..., :3, 0]
     u = (p_b[..., 0] / p_b[..., 2] * K[0] + K[2]) * W - 0.5
     v = (p_b[..., 1] / p_b[..., 2] * K[1] + K[3]) * H - 0.5
     ui, vi = u.round().long(), v.round().long()
@@ -78,10 +80,10 @@ def test_batched_rendering_equals_one_clip_at_a_time(monkeypatch):
     """render_clips casts the rays of many clips in one pass (what keeps a GPU fed); the pixels
     and depths are those of rendering each clip alone, whatever the pass size."""
     specs = [data.sample_spec(seed, 3) for seed in (4, 8, 15, 16, 23)]
-    alone = [data.render_clips([sp], 12, 12, ss=2)[0] for sp in specs]
+    alone = [render.render_clips([sp], 12, 12, ss=2)[0] for sp in specs]
     for rays in (2 ** 20, 3 * 2 * 3 * 12 * 12 * 4):                     # all in one pass; two clips a pass
-        monkeypatch.setitem(data.RAYS_A_PASS, "cpu", rays)
-        together = data.render_clips(specs, 12, 12, ss=2)
+        monkeypatch.setitem(render.RAYS_A_PASS, "cpu", rays)
+        together = render.render_clips(specs, 12, 12, ss=2)
         for a, b in zip(alone, together):
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(alone[0]["tgt"], alone[1]["tgt"])            # different scenes, different pixels

@@ -13,7 +13,9 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
+import camera
 import data
+import render
 import stream
 from conftest import ROOT
 from model import PRESETS, load_model, save_checkpoint, student_sample
@@ -39,11 +41,11 @@ def student(tmp_path_factory):
     m = random_model(TINY)
     path = str(d / "student.pt")
     save_checkpoint(path, model=m.state_dict(), ema=m.state_dict(), config=asdict(TINY), step=0,
-                    student=dict(steps=4, stage="dmd"))
+                    student=dict(steps=4, stage="selfforcing"))
     teacher = str(d / "teacher.pt")
     save_checkpoint(teacher, model=m.state_dict(), ema=m.state_dict(), config=asdict(TINY), step=0)
     video = str(d / "in.mp4")
-    data.write_video(video, data.render_clip(9, 7, 40, 40)["src"], fps=12)
+    data.write_video(video, render.render_clip(9, 7, 40, 40)["src"], fps=12)
     return dict(ckpt=path, teacher=teacher, video=video, dir=d)
 
 
@@ -87,13 +89,13 @@ def run_inprocess(monkeypatch, *argv):
     stream.main()
 
 
-@pytest.mark.parametrize("traj", data.PRESETS)
+@pytest.mark.parametrize("traj", camera.PRESETS)
 def test_every_preset(monkeypatch, student, tmp_path, traj):
     out = str(tmp_path / "p")
     run_inprocess(monkeypatch, "--ckpt", student["ckpt"], "--traj", traj, "--frames", 3, "--steps", 1,
                   "--traj_frames", 3, "--out", out)
     log = read_log(out)
-    want, zoom = data.preset_path(traj, 3)
+    want, zoom = camera.preset_path(traj, 3)
     assert torch.allclose(torch.tensor(log["poses"]), want, atol=1e-5)
     assert torch.allclose(torch.tensor(log["zoom"]), zoom, atol=1e-6)
 
@@ -105,7 +107,7 @@ def test_script_commands_apply_in_order_at_chunk_boundaries(script, student, tmp
            "--interactive", "--out", out, stdin="a\na\nd\nq\n")
     log = read_log(out)
     assert log["commands"] == [[0, "a"], [1, "a"], [2, "d"], [3, "q"]] and log["frames"] == 3
-    orbit = lambda deg: data.camera_path(orbit=deg * DEG, n=1)[0][0]
+    orbit = lambda deg: camera.camera_path(orbit=deg * DEG, n=1)[0][0]
     want = torch.stack([orbit(5), orbit(10), orbit(5)])
     assert torch.allclose(torch.tensor(log["poses"]), want, atol=1e-5)
     assert "the command q at frame 3" in log["stop"]
@@ -115,7 +117,7 @@ def test_script_commands_apply_in_order_at_chunk_boundaries(script, student, tmp
     log = read_log(out)
     assert log["commands"] == [[2, "a"], [5, "w"], [5, "z"], [6, "d"]] and log["frames"] == 8
     poses, zoom = torch.tensor(log["poses"]), torch.tensor(log["zoom"])
-    move = lambda deg, dz: data.camera_path(orbit=deg * DEG, move=(0.0, 0.0, dz), n=1)[0][0]
+    move = lambda deg, dz: camera.camera_path(orbit=deg * DEG, move=(0.0, 0.0, dz), n=1)[0][0]
     want = [torch.eye(4)] * 2 + [move(5, 0)] * 3 + [move(5, 0.1), move(0, 0.1), move(0, 0.1)]
     assert torch.allclose(poses, torch.stack(want), atol=1e-5)
     assert torch.allclose(zoom, torch.tensor([1.0] * 5 + [1.1] * 3))
@@ -123,15 +125,15 @@ def test_script_commands_apply_in_order_at_chunk_boundaries(script, student, tmp
 
 def test_controls_commands_from_the_page():
     """The page's commands (JSON): a preset plays from the frame it is chosen, moves add up, reset."""
-    rel, zoom = data.preset_path("static", 4)
+    rel, zoom = camera.preset_path("static", 4)
     c = stream.Controls(rel, zoom, "static", traj_frames=4)
     assert c.push_json({"move": {"orbit": 2.5, "pitch": -1}}) == 1
     c.push_json({"preset": "pan_left"})
     c.apply(5)
     assert c.offset["orbit"] == 2.5 and c.offset["pitch"] == -1 and c.applied == 2
     got, _ = c.camera(5, 6)
-    off = data.camera_path(orbit=2.5 * DEG, pitch=-DEG, n=1)[0][0]
-    want = data.preset_path("pan_left", 4)[0][torch.tensor([0, 1, 2, 3, 3, 3])] @ off
+    off = camera.camera_path(orbit=2.5 * DEG, pitch=-DEG, n=1)[0][0]
+    want = camera.preset_path("pan_left", 4)[0][torch.tensor([0, 1, 2, 3, 3, 3])] @ off
     assert torch.allclose(got, want, atol=1e-6)
     c.push_json({"key": "r"})
     c.apply(6)
@@ -147,12 +149,12 @@ def test_controls_commands_from_the_page():
 def test_fov_sets_the_rays(student):
     """--fov: fx = 0.5 / tan(fov / 2) for the source and target rays, as in the offline sampler."""
     model, _ = load_model(student["ckpt"])
-    clip = data.render_clip(4, 5, 16, 16, *data.preset_path("orbit_left", 5))
+    clip = render.render_clip(4, 5, 16, 16, *camera.preset_path("orbit_left", 5))
     fx = 0.5 / math.tan(70 * DEG / 2)
     controls = stream.Controls(clip["rel"], torch.ones(5))
     got = torch.stack([o for _, o, _, _, _ in stream.stream_frames(model, list(clip["src"]), controls, 2, 3, fx=fx)])
     K = torch.tensor([fx, fx, 0.5, 0.5]).expand(1, 5, 4)
-    cs, ct = data.pair_rays(clip["rel"][None], K, K, 16, 16)
+    cs, ct = camera.pair_rays(clip["rel"][None], K, K, 16, 16)
     ref = student_sample(model, clip["src"][None], cs, ct, 2, generator=torch.Generator().manual_seed(3))[0]
     assert (got - ref).abs().max() < 1e-5
     controls = stream.Controls(clip["rel"], torch.ones(5))
@@ -176,7 +178,7 @@ def test_paced_input_drops_frames_of_a_busy_consumer():
 
 def test_realtime_reports_dropped_frames(script, student, tmp_path):
     video = str(tmp_path / "fast.mp4")
-    data.write_video(video, data.render_clip(3, 24, 16, 16)["src"], fps=200)
+    data.write_video(video, render.render_clip(3, 24, 16, 16)["src"], fps=200)
     out = str(tmp_path / "rt")
     r = script("stream.py", "--ckpt", student["ckpt"], "--video", video, "--realtime", "--steps", 4, "--out", out)
     log = read_log(out)
@@ -186,11 +188,11 @@ def test_realtime_reports_dropped_frames(script, student, tmp_path):
 
 def test_streaming_equals_offline_generation(student):
     model, _ = load_model(student["ckpt"])
-    clip = data.render_clip(4, 5, 16, 16, *data.preset_path("orbit_left", 5))
+    clip = render.render_clip(4, 5, 16, 16, *camera.preset_path("orbit_left", 5))
     controls = stream.Controls(clip["rel"], torch.ones(5))
     got = torch.stack([o for _, o, _, _, _ in stream.stream_frames(model, list(clip["src"]), controls, 3, seed=7)])
     K = torch.tensor([1.0, 1.0, 0.5, 0.5]).expand(1, 5, 4)
-    cs, ct = data.pair_rays(clip["rel"][None], K, K, 16, 16)
+    cs, ct = camera.pair_rays(clip["rel"][None], K, K, 16, 16)
     ref = student_sample(model, clip["src"][None], cs, ct, 3, generator=torch.Generator().manual_seed(7))[0]
     assert (got - ref).abs().max() < 1e-5
 
@@ -199,7 +201,7 @@ def bad_files(d, student):
     """Damaged inputs for the bad-input table."""
     import av
     import imageio.v3 as iio
-    clip = data.render_clip(9, 20, 40, 40)["src"]
+    clip = render.render_clip(9, 20, 40, 40)["src"]
     (d / "junk.mp4").write_bytes(os.urandom(3000))
     (d / "empty.mp4").write_bytes(b"")
     (d / "bad.json").write_text("[[1, 2]")
@@ -219,15 +221,16 @@ def bad_files(d, student):
 
 
 BAD = [  # (arguments, stdin, what the one error line says); {d}: a folder of damaged files, {ckpt}: a tiny student
-    (["--steps", "0"], None, "--steps must be at least 1, not 0"),
+    (["--steps", "0"], None, "--steps must be at least 1, got 0"),
     (["--steps", "9"], None, "--steps must be between 1 and 4"),
-    (["--window", "-1"], None, "--window must be at least 0"),
+    (["--window", "-1"], None, "--window must be non-negative"),
     (["--frames", "0"], None, "--frames must be at least 1"),
     (["--traj_frames", "0"], None, "--traj_frames must be at least 1"),
     (["--fov", "180"], None, "--fov is the horizontal field of view"),
-    (["--device", "gpu0"], None, "--device must be cpu, cuda or cuda:N, not 'gpu0'"),
+    (["--device", "gpu0"], None, "--device gpu0: use cpu, cuda or cuda:N"),
+    (["--frames", "x"], None, "argument --frames: invalid int value"),
     (["--device", "cuda:99"], None, "--device cuda:99"),
-    (["--out", "{d}/afile"], None, "--out is an output folder, but"),
+    (["--out", "{d}/afile"], None, "is a file; --out names a folder"),
     (["--ckpt", "{d}/random.pt"], None, "cannot load checkpoint"),
     (["--ckpt", "{d}/missing.pt"], None, "checkpoint not found"),
     (["--ckpt", "{teacher}"], None, "not a student checkpoint"),
@@ -294,13 +297,4 @@ def test_ctrl_c_keeps_a_playable_video(student, tmp_path):
     assert proc.returncode == 0 and "interrupted" in stdout, stderr
     n = read_log(out)["frames"]
     assert n > 0 and len(list(data.read_video(mp4))) == n
-
-
-def test_every_flag_has_help_and_a_readme_row():
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    table = readme.split("### stream.py", 1)[1].split("\n#", 1)[0]
-    for action in stream.parser()._actions:
-        assert action.help, action.option_strings
-        if action.dest != "help":
-            assert f"`{action.option_strings[0]}" in table, f"{action.option_strings[0]} has no row in the README"
 

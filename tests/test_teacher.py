@@ -12,13 +12,13 @@ from model import WARP_PLANES, load_checkpoint
 def test_time_boxed_run_saves_evaluates_and_stops(script, tmp_path, device):
     """--minutes: the run stops when its time is up, evaluates (the end's evaluation; no periodic
     one before it with this --eval_every), saves, and writes its summary; the learning rate
-    decays over the wall-clock time; --dim, --depth, --heads and --ada_single set the network's shape, --cam_rope its planes,
-    --warp adds the warp head."""
+    decays over the wall-clock time; --dim, --depth and --heads set the network's size, the rest of it is
+    the recipe (model.Config: camera RoPE's planes, adaLN-single, the warp head)."""
     out = str(tmp_path / "run")
     t0 = time.time()
     r = script("teacher.py", "--preset", "tiny", "--out", out, "--pairs", 4, "--max_pairs", 3, "--minutes", 0.1,
                "--eval_every", 10 ** 6, "--eval_steps", 2, "--warmup", 2, "--device", device, "--no-compile",
-               "--dim", 96, "--depth", 3, "--heads", 3, "--cam_rope", "1.5,1,0", "--ada_single", "--warp")
+               "--dim", 96, "--depth", 3, "--heads", 3)
     wall = time.time() - t0
     assert "time is up (0.1 min)" in r.stdout and wall > 6
     summary = json.load(open(os.path.join(out, "summary.json")))
@@ -26,7 +26,7 @@ def test_time_boxed_run_saves_evaluates_and_stops(script, tmp_path, device):
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert steps > 3 and ckpt["step"] == steps
     cfg = ckpt["config"]
-    assert (cfg["dim"], cfg["depth"], cfg["heads"], cfg["patch"], tuple(cfg["cam_rope"])) == (96, 3, 3, 4, (1.5, 1, 0))   # tiny: 64, 2, 2, 4
+    assert (cfg["dim"], cfg["depth"], cfg["heads"], cfg["patch"], tuple(cfg["cam_rope"])) == (96, 3, 3, 4, (1.6, 1, 0.6, 0))   # tiny: 64, 2, 2, 4
     assert cfg["ada_single"] and "ada_shared.1.weight" in ckpt["model"] and "blocks.0.ada.1.weight" not in ckpt["model"]
     assert tuple(cfg["warp"]) == WARP_PLANES and ckpt["model"]["warp_out.weight"].abs().sum() > 0   # trained
     assert 6 <= summary["train_seconds"] < 6 + wall
@@ -47,7 +47,7 @@ def test_time_boxed_run_saves_evaluates_and_stops(script, tmp_path, device):
     (["--device", "gpu"], "--device gpu: use cpu, cuda or cuda:N"), (["--device", "cuda:7"], "--device cuda:7"),
     (["--patch", 5], "--patch 5 must divide the frame size 16"), (["--dim", 80], "--dim 80 must be a multiple of 16 x heads = 32"),
     (["--depth", 0], "--depth must be at least 1"), (["--heads", 8], "--dim 64 must be a multiple of 16 x heads = 128"),
-    (["--warp", "--pred", "v"], "the warp head (--warp) reads the source pixels and adds to the clean-frame prediction: it needs --src_concat and --pred x")])
+    (["--lr", 0], "--lr and --clip must be positive"), (["--warp"], "unrecognized arguments: --warp")])
 def test_bad_flags_fail_clearly(script, tmp_path, flags, message):
     r = script("teacher.py", "--preset", "tiny", "--out", str(tmp_path / "r"), *flags, ok=False, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import camera
 import data
 from conftest import ROOT
 from model import PRESETS, RealCamDiT, add_noise, encode_target, flow_loss, load_checkpoint, load_model
@@ -20,14 +21,14 @@ def test_tiny_teacher_overfits_one_batch():
     cfg, S = TINY, TINY.size
     m = RealCamDiT(cfg)
     b = data.synthetic_batch(0, 4, 2, S, S)
-    cs, ct = data.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
+    cs, ct = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
     x0 = encode_target(b["tgt"], b["src"], cfg)
     g = torch.Generator().manual_seed(0)
     e, t = torch.randn(x0.shape, generator=g), torch.rand(x0.shape[:2], generator=g)
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
     losses = []
     for _ in range(300):
-        loss = flow_loss(m(b["src"], add_noise(x0, e, t), cs, ct, t), x0, e, t, cfg).mean()   # as teacher.py trains
+        loss = flow_loss(m(b["src"], add_noise(x0, e, t), cs, ct, t), x0, t, cfg).mean()   # as teacher.py trains
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,0 +1,272 @@
+"""
+Cameras (DESIGN.md sections 3 and 6): the camera math, the trajectory presets and JSON
+trajectories.
+
+Conventions:
+- Cameras are OpenCV: x right, y down, z forward. Poses are camera-to-world 4x4 (c2w).
+- Intrinsics are (fx, fy, cx, cy) normalized by image width/height, so they do not depend on
+  resolution. fx = 1.0 is a 53 degree horizontal field of view.
+- The world is y-up with the ground at y = 0. Scene scale: the source camera looks at its
+  subject from SUBJECT_DIST = 1.0 unit, and every trajectory preset is defined in that unit.
+- The target camera of pair i is given RELATIVE to the source camera of pair i:
+  rel_i = inv(c2w_src_i) @ c2w_tgt_i (a virtual rig riding on the source camera). Each pixel
+  gets its Plucker ray (o x d, d): the source at identity with its own intrinsics, the target at
+  rel_i (pair_rays).
+"""
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
+SUBJECT_DIST = 1.0  # distance from the source camera to the point it looks at (scene unit)
+
+# -----------------------------------------------------------------------------
+# camera math
+
+def look_at(eye, target, up=(0.0, 1.0, 0.0)):
+    """OpenCV camera-to-world (..., 4, 4) for cameras at `eye` looking at `target` (..., 3)."""
+    eye, target = torch.as_tensor(eye, dtype=torch.float32), torch.as_tensor(target, dtype=torch.float32)
+    up = torch.as_tensor(up, dtype=torch.float32).expand_as(eye)
+    z = F.normalize(target - eye, dim=-1)                  # forward
+    x = F.normalize(torch.cross(z, up, dim=-1), dim=-1)    # right
+    y = torch.cross(z, x, dim=-1)                          # down
+    c2w = torch.zeros(eye.shape[:-1] + (4, 4))
+    c2w[..., :3, 0], c2w[..., :3, 1], c2w[..., :3, 2], c2w[..., :3, 3] = x, y, z, eye
+    c2w[..., 3, 3] = 1.0
+    return c2w
+
+
+def invert_pose(c2w):
+    """Rigid inverse: camera-to-world -> world-to-camera (and back)."""
+    R, t = c2w[..., :3, :3], c2w[..., :3, 3:]
+    out = torch.zeros_like(c2w)
+    out[..., :3, :3] = R.transpose(-1, -2)
+    out[..., :3, 3:] = -R.transpose(-1, -2) @ t
+    out[..., 3, 3] = 1.0
+    return out
+
+
+def relative_pose(c2w_a, c2w_b):
+    """Pose of camera b expressed in camera a's frame: inv(c2w_a) @ c2w_b."""
+    return invert_pose(c2w_a) @ c2w_b
+
+
+def rot_x(a):
+    a = torch.as_tensor(a, dtype=torch.float32)
+    c, s, o, z = torch.cos(a), torch.sin(a), torch.ones_like(a), torch.zeros_like(a)
+    return torch.stack([o, z, z, z, c, -s, z, s, c], -1).reshape(a.shape + (3, 3))
+
+
+def rot_y(a):
+    a = torch.as_tensor(a, dtype=torch.float32)
+    c, s, o, z = torch.cos(a), torch.sin(a), torch.ones_like(a), torch.zeros_like(a)
+    return torch.stack([c, z, s, z, o, z, -s, z, c], -1).reshape(a.shape + (3, 3))
+
+
+def make_pose(R=None, t=None, n=None):
+    """Stack rotations (n, 3, 3) and translations (n, 3) into (n, 4, 4)."""
+    n = n if n is not None else (R if R is not None else t).shape[0]
+    P = torch.eye(4).repeat(n, 1, 1)
+    if R is not None:
+        P[:, :3, :3] = R
+    if t is not None:
+        P[:, :3, 3] = t
+    return P
+
+
+def pixel_rays(c2w, K, H, W):
+    """World-space ray origins and unit directions (..., H, W, 3) for pixel centres."""
+    fx, fy, cx, cy = K.unbind(-1)
+    v, u = torch.meshgrid((torch.arange(H, device=c2w.device) + 0.5) / H,
+                          (torch.arange(W, device=c2w.device) + 0.5) / W, indexing="ij")
+    x = (u - cx[..., None, None]) / fx[..., None, None]    # (..., H, W)
+    y = (v - cy[..., None, None]) / fy[..., None, None]
+    d_cam = torch.stack([x, y, torch.ones_like(x)], -1)    # (..., H, W, 3)
+    d = F.normalize(torch.einsum("...ij,...hwj->...hwi", c2w[..., :3, :3], d_cam), dim=-1)
+    o = c2w[..., None, None, :3, 3].expand_as(d)
+    return o, d
+
+
+def plucker(c2w, K, H, W):
+    """Plucker ray map (..., 6, H, W): (o x d, d) for each pixel of a camera (c2w, K)."""
+    o, d = pixel_rays(c2w, K, H, W)
+    return torch.cat([torch.cross(o, d, dim=-1), d], -1).movedim(-1, -3)
+
+
+def reproject(depth_tgt, rel, K_src, K_tgt):
+    """Where each target pixel's scene point lands in the source camera.
+    depth_tgt (..., H, W) z-depth (inf: sky, a point at infinity), rel (..., 4, 4) target pose in
+    the source frame, K_* (..., 4). Returns the normalized source image position (..., H, W, 2)
+    in [0, 1] when inside, the point's inverse z-depth in the source (..., H, W) (0 at infinity)
+    and whether it lies in front of the source camera (..., H, W)."""
+    H, W = depth_tgt.shape[-2:]
+    fx, fy, cx, cy = (k[..., None, None] for k in K_tgt.unbind(-1))
+    v, u = torch.meshgrid((torch.arange(H, device=depth_tgt.device) + 0.5) / H,
+                          (torch.arange(W, device=depth_tgt.device) + 0.5) / W, indexing="ij")
+    rho = 1 / depth_tgt                                                 # inverse depth, 0 for sky
+    X = torch.stack([(u - cx) / fx, (v - cy) / fy, torch.ones_like(depth_tgt), rho], -1)   # homogeneous point
+    Xs = torch.einsum("...ij,...hwj->...hwi", rel[..., :3, :], X)      # in the source frame, scaled by rho
+    front = Xs[..., 2] > 1e-6
+    z = Xs[..., 2].clamp(min=1e-6)
+    fs, fys, cxs, cys = (k[..., None, None] for k in K_src.unbind(-1))
+    uv = torch.stack([fs * Xs[..., 0] / z + cxs, fys * Xs[..., 1] / z + cys], -1)
+    return uv, rho / z, front
+
+
+def covisibility(depth_src, depth_tgt, rel, K_src, K_tgt, tol=0.03, far=100.0):
+    """Co-visible target pixels: their scene point (target depth lifted to 3D) projects inside
+    the source frame, in front of it, and is not occluded there (the source's depth at one of
+    the 4 pixels around it agrees within a relative tol; sky, and anything beyond `far` where
+    the haze has made it sky-coloured, matches sky). Also the grid that
+    resamples the source at those points (the depth-warp oracle, F.grid_sample with
+    align_corners=False). depth_* (..., H, W), rel (..., 4, 4), K_* (..., 4) ->
+    mask (..., H, W) bool, grid (..., H, W, 2) in [-1, 1]."""
+    H, W = depth_tgt.shape[-2:]
+    uv, rho, front = reproject(depth_tgt, rel, K_src, K_tgt)
+    inside = front & (uv[..., 0] >= 0) & (uv[..., 0] < 1) & (uv[..., 1] >= 0) & (uv[..., 1] < 1)
+    flat = depth_src.flatten(-2)
+    x0, y0 = (uv[..., 0] * W - 0.5).floor().long(), (uv[..., 1] * H - 0.5).floor().long()
+    agree = torch.zeros_like(inside)
+    for dy in (0, 1):                   # any of the 4 source pixels around the point agrees:
+        for dx in (0, 1):               # depth edges fall between pixel centres
+            i, j = (y0 + dy).clamp(0, H - 1), (x0 + dx).clamp(0, W - 1)
+            rho_src = 1 / torch.gather(flat, -1, (i * W + j).flatten(-2)).view_as(rho)
+            agree |= (rho - rho_src).abs() <= tol * torch.maximum(rho, rho_src) + 1 / far
+    return inside & agree, uv * 2 - 1
+
+
+def warp_source(src, grid):
+    """The depth-warp oracle: src (..., 3, H, W) bilinearly resampled at grid (..., H, W, 2)."""
+    lead = src.shape[:-3]
+    out = F.grid_sample(src.flatten(0, -4), grid.flatten(0, -4), mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    return out.view(lead + out.shape[1:])
+
+
+def pair_rays(rel, K_src, K_tgt, H, W):
+    """Camera maps for interleaved pairs: source at identity (its intrinsics), target at rel.
+    rel (B, T, 4, 4), K_* (B, T, 4) -> cam_src, cam_tgt, each (B, T, 6, H, W)."""
+    eye = torch.eye(4, device=rel.device).expand_as(rel)
+    return plucker(eye, K_src, H, W), plucker(rel, K_tgt, H, W)
+
+# -----------------------------------------------------------------------------
+# trajectory presets (DESIGN section 6), all relative to the live source camera
+
+PRESETS = ["static", "orbit_left", "orbit_right", "orbit", "pan_left", "pan_right", "tilt_up",
+           "tilt_down", "dolly_in", "dolly_out", "zoom_in", "zoom_out", "truck_left",
+           "truck_right", "pedestal_up", "pedestal_down"]
+# magnitudes, in degrees or subject distances (the project's choice: moderate moves, DESIGN section 6)
+ORBIT_DEG, PAN_DEG, TILT_DEG, MOVE, ZOOM = 30.0, 20.0, 10.0, 0.5 * SUBJECT_DIST, 1.5
+ORBIT_PIVOT = SUBJECT_DIST  # orbits turn around the point the source camera looks at
+
+
+def ramp(n):
+    """Smooth 0 -> 1 over n frames (zero slope at both ends); frame 0 is exactly 0."""
+    u = torch.linspace(0, 1, n) if n > 1 else torch.zeros(1)
+    return 0.5 - 0.5 * torch.cos(math.pi * u)
+
+
+def camera_path(yaw=0.0, pitch=0.0, orbit=0.0, move=(0.0, 0.0, 0.0), zoom=1.0, n=None):
+    """Relative pose (n, 4, 4) and focal scale (n,) from per-frame components (tensors of n):
+    orbit (radians, around the pivot ORBIT_PIVOT ahead; positive moves the camera left),
+    yaw/pitch (radians, rotation in place; positive yaw turns right, positive pitch tilts up),
+    move (x right, y down, z forward, scene units), zoom (focal length multiplier)."""
+    f = lambda a: torch.as_tensor(a, dtype=torch.float32).expand(n).clone()
+    yaw, pitch, orbit, zoom = f(yaw), f(pitch), f(orbit), f(zoom)
+    move = torch.stack([f(m) for m in move], -1)                     # (n, 3)
+    pivot = torch.tensor([0.0, 0.0, ORBIT_PIVOT])
+    Ro = rot_y(orbit)                                                 # orbit: p + Ro (x - p)
+    t_orbit = pivot - Ro @ pivot
+    R = Ro @ rot_y(yaw) @ rot_x(pitch)                                # then turn in place
+    return make_pose(R, t_orbit + move), zoom
+
+
+def preset_path(name, n, scale=1.0):
+    """Relative poses (n, 4, 4) and focal scales (n,) for a named preset over n frames."""
+    r, deg = ramp(n), math.pi / 180
+    z = torch.zeros(n)
+    r = r * scale if name != "orbit" else r
+    table = {
+        "static": {},
+        "orbit_left": dict(orbit=ORBIT_DEG * deg * r), "orbit_right": dict(orbit=-ORBIT_DEG * deg * r),
+        "orbit": dict(orbit=ORBIT_DEG * deg * torch.sin(2 * math.pi * r)),  # out left, across, back
+        "pan_left": dict(yaw=-PAN_DEG * deg * r), "pan_right": dict(yaw=PAN_DEG * deg * r),
+        "tilt_up": dict(pitch=TILT_DEG * deg * r), "tilt_down": dict(pitch=-TILT_DEG * deg * r),
+        "dolly_in": dict(move=(z, z, MOVE * r)), "dolly_out": dict(move=(z, z, -MOVE * r)),
+        "zoom_in": dict(zoom=ZOOM ** r), "zoom_out": dict(zoom=ZOOM ** -r),
+        "truck_left": dict(move=(-MOVE * r, z, z)), "truck_right": dict(move=(MOVE * r, z, z)),
+        "pedestal_up": dict(move=(z, -MOVE * r, z)), "pedestal_down": dict(move=(z, MOVE * r, z)),
+    }
+    if name not in table:
+        raise ValueError(f"unknown trajectory '{name}': choose one of {', '.join(PRESETS)} or a .json file")
+    return camera_path(n=n, **table[name])
+
+
+def random_path(n, gen):
+    """A random smooth relative path: every component ramps (or swings) within about the
+    preset magnitudes, combined. Used for training diversity."""
+    deg = math.pi / 180
+    u = torch.linspace(0, 1, n) if n > 1 else torch.zeros(1)
+    def comp(mag):
+        a, b, w, ph = (torch.rand(4, generator=gen) * 2 - 1).tolist()
+        # a ramp plus a slow swing, starting anywhere (training windows need not start at identity)
+        return mag * (a * ramp(n) + 0.5 * b * torch.sin(math.pi * (1 + abs(w)) * u + math.pi * ph))
+    on = (torch.rand(6, generator=gen) < 0.5).float().tolist()
+    move = tuple(on[3] * comp(MOVE) * (torch.rand(1, generator=gen) < 0.5) for _ in range(3))
+    return camera_path(n=n, orbit=on[0] * comp(ORBIT_DEG * deg), yaw=on[1] * comp(PAN_DEG * deg),
+                       pitch=on[2] * comp(TILT_DEG * deg), move=move, zoom=ZOOM ** (on[4] * comp(1.0)))
+
+
+def load_trajectory(path, n=None):
+    """A JSON trajectory: a list of per-frame relative 4x4 poses (or {"poses": [...]}, optional
+    "zoom": [...] focal multipliers). Shorter than n frames: the last pose holds; longer:
+    truncated. Every pose must be finite and rigid (rotation orthonormal with det +1 within
+    1e-3, last row 0 0 0 1) and every zoom finite and positive: anything else is a ValueError
+    naming the file and the first bad frame (a NaN would poison the KV cache, a scaled matrix
+    would be taken as some other camera)."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read trajectory {path}: {e}") from None
+    if isinstance(obj, dict) and "poses" not in obj:
+        raise ValueError(f"trajectory {path}: a JSON object needs a \"poses\" list "
+                         f"(keys found: {', '.join(obj) or 'none'})")
+    poses = obj["poses"] if isinstance(obj, dict) else obj
+    try:
+        P = torch.tensor(poses, dtype=torch.float32)
+        zoom = obj.get("zoom", [1.0] * len(P)) if isinstance(obj, dict) else [1.0] * len(P)
+        zoom = torch.tensor(zoom, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"trajectory {path}: expected a list of 4x4 poses and a list of zoom numbers ({e})") from None
+    if P.ndim != 3 or P.shape[1:] != (4, 4) or len(P) == 0:
+        raise ValueError(f"trajectory {path}: expected a list of 4x4 poses, got shape {tuple(P.shape)}")
+    if zoom.ndim != 1 or len(zoom) != len(P):
+        raise ValueError(f"trajectory {path}: \"zoom\" needs one number a pose ({len(P)}), got shape {tuple(zoom.shape)}")
+    bad = lambda mask, what: ValueError(f"trajectory {path}: frame {int(mask.nonzero()[0])} {what}")
+    finite = torch.isfinite(P).flatten(1).all(1)
+    if not finite.all():
+        raise bad(~finite, "has a NaN or infinite entry")
+    R = P[:, :3, :3]
+    ortho = (R @ R.transpose(1, 2) - torch.eye(3)).abs().amax((1, 2)) <= 1e-3
+    if not ortho.all():
+        raise bad(~ortho, "is not a rigid pose: its rotation part is not orthonormal (scale or shear?)")
+    det = torch.linalg.det(R) > 0
+    if not det.all():
+        raise bad(~det, "is not a rigid pose: its rotation part is a reflection (det -1)")
+    last = (P[:, 3] - torch.tensor([0.0, 0.0, 0.0, 1.0])).abs().amax(1) <= 1e-3
+    if not last.all():
+        raise bad(~last, "is not a rigid pose: its last row is not 0 0 0 1")
+    zok = torch.isfinite(zoom) & (zoom > 0)
+    if not zok.all():
+        raise bad(~zok, f"has zoom {zoom[~zok][0].item()}: zoom must be finite and positive")
+    if n is not None:
+        idx = torch.arange(n).clamp(max=len(P) - 1)
+        P, zoom = P[idx], zoom[idx]
+    return P, zoom
+
+
+def trajectory(name, n):
+    """A preset name or a JSON path -> (rel (n, 4, 4), zoom (n,))."""
+    return load_trajectory(name, n) if name.endswith(".json") else preset_path(name, n)
