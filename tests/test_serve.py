@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest
 import torch
 
+import camera
 import data
 import serve
 import stream
@@ -241,7 +242,7 @@ def tiny_student(tmp_path_factory):
     cfg = replace(PRESETS["tiny"], window=3)
     m = random_model(cfg)
     path = str(tmp_path_factory.mktemp("serve") / "student.pt")
-    save_checkpoint(path, model=m.state_dict(), config=asdict(cfg), step=0, student=dict(steps=2, stage="dmd"))
+    save_checkpoint(path, model=m.state_dict(), config=asdict(cfg), step=0, student=dict(steps=2, stage="selfforcing"))
     return path
 
 
@@ -257,7 +258,7 @@ def test_a_stalled_viewer_never_blocks_the_stream(monkeypatch):
     """In-process server: a viewer that stops reading blocks only its own thread (which gives up after
     Handler.timeout); publish() stays instant and another viewer gets the latest frames."""
     monkeypatch.setattr(serve.Handler, "timeout", 1.0)
-    rel, zoom = data.preset_path("static", 2)
+    rel, zoom = camera.preset_path("static", 2)
     hub = serve.Hub()
     server = serve.start("127.0.0.1", 0, hub, stream.Controls(rel, zoom), stream.KEYS)
     url = f"http://127.0.0.1:{server.server_address[1]}/"
@@ -305,7 +306,7 @@ def test_server_commands_viewers_and_ctrl_c(tiny_student, tmp_path):
     srv = Server("--ckpt", tiny_student, "--traj", "static", "--realtime", "--out", out)
     try:
         s0 = srv.wait_frame(2)
-        assert srv.state()["presets"] == data.PRESETS and set(s0["keys"]) == set(stream.KEYS)
+        assert srv.state()["presets"] == camera.PRESETS and set(s0["keys"]) == set(stream.KEYS)
         bad = ['{"key": "p"}', "not json", "[1, 2]", '{"move": {"orbit": "far"}}', '{"preset": "/etc/passwd"}',
                '{"key": "a", "move": {}}', '{"launch": 1}', "\xff", "x" * 5000]
         for body in bad:
@@ -418,7 +419,7 @@ def test_live_view_in_chromium(tmp_path):
     first_key, fourth_key, first_move = cmds[0][0], cmds[3][0], next(f for f, c in cmds if c.startswith("move"))
     poses = torch.tensor(log["poses"])
     assert torch.allclose(poses[:first_key], torch.eye(4).expand(first_key, 4, 4), atol=1e-6)
-    want = data.camera_path(orbit=-20 * torch.pi / 180, n=1)[0][0]
+    want = camera.camera_path(orbit=-20 * torch.pi / 180, n=1)[0][0]
     assert torch.allclose(poses[fourth_key:first_move], want.expand(first_move - fourth_key, 4, 4), atol=1e-5)
     assert len(list(data.read_video(os.path.join(out, "stream.mp4")))) == log["frames"]
     assert os.path.getsize(tmp_path / "serve.png") > 1000
@@ -427,35 +428,36 @@ def test_live_view_in_chromium(tmp_path):
 # measurement (not a test): python tests/test_serve.py
 
 
+def cpu_seconds(root):
+    """CPU seconds used so far by process `root` and its descendants (from /proc)."""
+    procs = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            procs[int(pid)] = (int(f[1]), (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))
+        except (OSError, IndexError):
+            pass
+    tree = {root}
+    for _ in range(8):                                      # descendants, level by level
+        tree |= {p for p, (pp, _) in procs.items() if pp in tree}
+    return sum(procs[p][1] for p in tree if p in procs)
+
+
+def plain_stream(frames):
+    """Plain stream.py (no page): (generator frames/s, end-to-end frames/s)."""
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run([sys.executable, os.path.join(ROOT, "stream.py"), "--frames", str(frames), "--out", d],
+                       capture_output=True, text=True, check=True)
+        log = json.load(open(os.path.join(d, "stream_latency.json")))
+        return log["frames"] / (sum(log["latency_ms"]) / 1000), log["frames"] / log["t"][-1]
+
+
 def measure(args):
     """Key press -> frame latency over args.presses presses (one viewer); then frames/s of one stream
     in alternating phases of 0 and k viewers (0, 1, 0, 3, 0, ...: the CPU is shared, so each k phase
     is compared with the 0-viewer phases on either side), the CPU time of the viewers' threads, and
     plain stream.py before and after as the baseline."""
-    import statistics as st
-
-    def cpu_s(root):
-        """CPU seconds used so far by process `root` and its descendants (from /proc)."""
-        procs = {}
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-                procs[int(pid)] = (int(f[1]), (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))
-            except (OSError, IndexError):
-                pass
-        tree = {root}
-        for _ in range(8):                                      # descendants, level by level
-            tree |= {p for p, (pp, _) in procs.items() if pp in tree}
-        return sum(procs[p][1] for p in tree if p in procs)
-
-    def plain():
-        with tempfile.TemporaryDirectory() as d:
-            subprocess.run([sys.executable, os.path.join(ROOT, "stream.py"), "--frames", str(args.frames), "--out", d],
-                           capture_output=True, text=True, check=True)
-            log = json.load(open(os.path.join(d, "stream_latency.json")))
-            return log["frames"] / (sum(log["latency_ms"]) / 1000), log["frames"] / log["t"][-1]
-
-    res = dict(plain_before=plain())
+    res = dict(plain_before=plain_stream(args.frames))
     browser, out = Browser(), tempfile.mkdtemp()
     srv = Server("--traj", "static", "--out", out)
     try:
@@ -479,9 +481,9 @@ def measure(args):
                 browser.switch(tab)
                 browser.open(srv.url if j < k else "about:blank")
             time.sleep(1.5)                                    # let them connect
-            s0, c0, b0 = srv.state(), cpu_s(srv.proc.pid), cpu_s(browser.driver.pid)
+            s0, c0, b0 = srv.state(), cpu_seconds(srv.proc.pid), cpu_seconds(browser.driver.pid)
             time.sleep(args.phase_s)
-            s1, c1, b1 = srv.state(), cpu_s(srv.proc.pid), cpu_s(browser.driver.pid)
+            s1, c1, b1 = srv.state(), cpu_seconds(srv.proc.pid), cpu_seconds(browser.driver.pid)
             phases.append(dict(k=k, a=s0["frame"] + 1, b=s1["frame"], cpu=s1["viewer_cpu_s"] - s0["viewer_cpu_s"],
                                server_cpu=c1 - c0, browser_cpu=b1 - b0))
         srv.post('{"key": "q"}')
@@ -489,8 +491,14 @@ def measure(args):
     finally:
         srv.kill()
         browser.close()
-    res["plain_after"] = plain()
-    log = json.load(open(os.path.join(out, "stream_latency.json")))
+    res["plain_after"] = plain_stream(args.frames)
+    report_measure(res, phases, json.load(open(os.path.join(out, "stream_latency.json"))), args)
+
+
+def report_measure(res, phases, log, args):
+    """measure()'s figures from the server's latency log: each phase, the medians by viewer count,
+    the key latency; printed, and written to args.json if given."""
+    import statistics as st
     res["phases"] = phases
     res["key_frame_ms"] = st.median(log["latency_ms"][res["key_frames"][0]:res["key_frames"][1]])
     for p in phases:
