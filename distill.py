@@ -17,7 +17,7 @@ own KV cache (model.student_chunk) and one exit step per rollout keeps gradients
 the rollout: a reconstruction term against the true target (--recon, on by default: multi-view
 data has it) and DMD (--dmd, off by default), which compares the frozen teacher (real score) with
 a critic (fake score) trained online on the student's samples; --dmd 1 --recon 0 is the method's
-plain DMD. README, Results ("Distillation: what DMD does at this scale"), has the measurements
+plain DMD. docs/results.md ("Does DMD help?") has the measurements
 behind the defaults. The last stage's checkpoint is copied to OUT/ckpt.pt, what stream.py reads.
 The student always has the warp head: the start's (or the teacher's), or one added silent.
 """
@@ -244,7 +244,7 @@ def parse_args():
                    help="weight of the reconstruction term: the Self-Forcing rollout against the true target, "
                         "the mean over frames of log(mse) (minus PSNR)")
     p.add_argument("--dmd", type=float, default=0.0,
-                   help="weight of the DMD term (0: no critic and no teacher calls; README, Distillation: why "
+                   help="weight of the DMD term (0: no critic and no teacher calls; docs/results.md, Does DMD help?: why "
                         "the shipped student does without)")
     p.add_argument("--eval_every", type=int, default=100,
                    help="steps between held-out evaluations, and one at the end (0: none)")

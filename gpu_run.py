@@ -227,7 +227,7 @@ if rec["status"] == "failed" and args.device.startswith("cuda"):           # e.g
     shutil.rmtree(tdir, ignore_errors=True)
     rec = stage("teacher (eager)", teacher + ["--no-compile"], 60 * args.teacher_minutes + 90)
 summary["teacher"] = load_json(os.path.join(tdir, "summary.json"))
-try:                                     # the learning curve, to set beside the CPU teacher's (README, Results)
+try:                                     # the learning curve, to set beside the CPU teacher's (docs/results.md)
     with open(os.path.join(tdir, "evals.jsonl")) as f:
         summary["teacher_curve"] = [dict(step=e["step"], wall_min=round(e["wall_min"], 2), gain_1step=e["mean"]["gain"],
                                          gain_10steps=e["sample"]["gain"], static_1step=e["mean"]["static"])

@@ -32,7 +32,7 @@ WARP_PLANES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 
 @dataclass
 class Config:
-    """The shipped recipe (README, Results: the ablations that chose it) at a size. The network
+    """The shipped recipe (docs/results.md: the ablations that chose it) at a size. The network
     predicts the clean x0 of a residual target, places target tokens by camera RoPE, sees the
     source's pixels beside each target's, and ends in the warp head."""
     size: int = 32              # frame height = width, pixels
