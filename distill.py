@@ -221,8 +221,9 @@ def parse_args():
     p.add_argument("--warp_lr", type=float, default=2e-3, help="the warp head's learning rate (its own optimizer group)")
     # data and optimization
     p.add_argument("--data", type=str, default=None, help="on-disk multi-view dataset folder (default: the synthetic stream)")
-    p.add_argument("--loopaug", type=float, default=0.0,
-                   help="share of the selfforcing stage's rollouts drawn from LoopAug loops, 0..1 (needs --data)")
+    p.add_argument("--loopaug", type=float, default=None,
+                   help="share of the selfforcing stage's rollouts drawn from LoopAug loops, 0..1, which needs --data "
+                        "(default: 0.5 with --data, the shipped student's; 0 without)")
     p.add_argument("--pairs", type=int, default=None, help="pairs a batch per process (default: 8 CPU, 32 CUDA)")
     p.add_argument("--max_pairs", type=int, default=None,
                    help="clip / rollout lengths drawn from 1..max_pairs (default: 6 causal, 12 selfforcing: rollouts "
@@ -255,6 +256,8 @@ def parse_args():
                nonneg=("window", "eval_every"))
     if args.dmd < 0 or args.recon < 0 or args.dmd == args.recon == 0:
         fail(f"--dmd and --recon are loss weights, >= 0 and not both 0, got {args.dmd} and {args.recon}")
+    if args.loopaug is None:
+        args.loopaug = 0.5 if args.data else 0.0
     if not 0 <= args.loopaug <= 1:
         fail(f"--loopaug is a share of the rollouts, 0..1, got {args.loopaug}")
     if args.minutes is not None and not args.minutes > 0:
