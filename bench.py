@@ -25,7 +25,8 @@ import torch
 import camera
 import data
 from attention import KVCache, attention_pairs
-from common import ArgumentParser, autocast_for, check_args, check_device, check_out_dir, default_device, fail, peak_flops
+from common import (ArgumentParser, autocast_for, check_args, check_device, check_out_dir, default_device, fail,
+                    hold_out_dir, peak_flops)
 from model import (PRESETS, SHIPPED_STUDENT, RealCamDiT, add_noise, compile_blocks, flops_per_forward, flow_loss,
                    load_model, sample_t, student_chunk, teacher_sample)
 
@@ -75,7 +76,7 @@ if cuda:
     torch.backends.cuda.matmul.allow_tf32 = True
 if args.compile:
     compile_blocks(model)                        # used by the teacher row (no KV cache)
-os.makedirs(args.out, exist_ok=True)
+hold_out_dir(args.out)                           # refused if another live run writes there
 
 
 def sync():

@@ -159,6 +159,10 @@ PRESETS = ["static", "orbit_left", "orbit_right", "orbit", "pan_left", "pan_righ
 # magnitudes, in degrees or subject distances (the project's choice: moderate moves, DESIGN section 6)
 ORBIT_DEG, PAN_DEG, TILT_DEG, MOVE, ZOOM = 30.0, 20.0, 10.0, 0.5 * SUBJECT_DIST, 1.5
 ORBIT_PIVOT = SUBJECT_DIST  # orbits turn around the point the source camera looks at
+# how far a target camera may be from its source: translation (scene units) and zoom (either way);
+# far past anything trained, short of where the rays stop meaning anything (a 1e6 translation
+# turns the Plucker moments into a patch grid, a focal length of 1e9 into noise)
+MAX_TRANSLATION, MAX_ZOOM = 10.0 * SUBJECT_DIST, 10.0
 
 
 def ramp(n):
@@ -221,24 +225,25 @@ def random_path(n, gen):
 def load_trajectory(path, n=None):
     """A JSON trajectory: a list of per-frame relative 4x4 poses (or {"poses": [...]}, optional
     "zoom": [...] focal multipliers). Shorter than n frames: the last pose holds; longer:
-    truncated. Every pose must be finite and rigid (rotation orthonormal with det +1 within
-    1e-3, last row 0 0 0 1) and every zoom finite and positive: anything else is a ValueError
+    truncated. Every pose must be finite, rigid (rotation orthonormal with det +1 within
+    1e-3, last row 0 0 0 1) and within MAX_TRANSLATION of the source on each axis, and every zoom within
+    1 / MAX_ZOOM .. MAX_ZOOM: anything else is a ValueError
     naming the file and the first bad frame (a NaN would poison the KV cache, a scaled matrix
     would be taken as some other camera)."""
     try:
         with open(path) as f:
             obj = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"cannot read trajectory {path}: {e}") from None
     if isinstance(obj, dict) and "poses" not in obj:
         raise ValueError(f"trajectory {path}: a JSON object needs a \"poses\" list "
                          f"(keys found: {', '.join(obj) or 'none'})")
     poses = obj["poses"] if isinstance(obj, dict) else obj
-    try:
-        P = torch.tensor(poses, dtype=torch.float32)
+    try:                                   # read in float64: a 1e300 is too far, not infinite
+        P = torch.tensor(poses, dtype=torch.float64)
         zoom = obj.get("zoom", [1.0] * len(P)) if isinstance(obj, dict) else [1.0] * len(P)
-        zoom = torch.tensor(zoom, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError) as e:
+        zoom = torch.tensor(zoom, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError, RecursionError) as e:
         raise ValueError(f"trajectory {path}: expected a list of 4x4 poses and a list of zoom numbers ({e})") from None
     if P.ndim != 3 or P.shape[1:] != (4, 4) or len(P) == 0:
         raise ValueError(f"trajectory {path}: expected a list of 4x4 poses, got shape {tuple(P.shape)}")
@@ -248,19 +253,27 @@ def load_trajectory(path, n=None):
     finite = torch.isfinite(P).flatten(1).all(1)
     if not finite.all():
         raise bad(~finite, "has a NaN or infinite entry")
+    dist = P[:, :3, 3].abs().amax(1)                                    # no overflow in a norm's squares
+    near = dist <= MAX_TRANSLATION
+    if not near.all():
+        raise bad(~near, f"moves the camera {dist[~near][0].item():.3g} scene units from the source; at most "
+                         f"{MAX_TRANSLATION:g} along each axis (the source stands {SUBJECT_DIST:g} from its subject, "
+                         f"the presets move {MOVE:g}: rescale the path)")
     R = P[:, :3, :3]
-    ortho = (R @ R.transpose(1, 2) - torch.eye(3)).abs().amax((1, 2)) <= 1e-3
+    ortho = (R @ R.transpose(1, 2) - torch.eye(3, dtype=P.dtype)).abs().amax((1, 2)) <= 1e-3
     if not ortho.all():
         raise bad(~ortho, "is not a rigid pose: its rotation part is not orthonormal (scale or shear?)")
     det = torch.linalg.det(R) > 0
     if not det.all():
         raise bad(~det, "is not a rigid pose: its rotation part is a reflection (det -1)")
-    last = (P[:, 3] - torch.tensor([0.0, 0.0, 0.0, 1.0])).abs().amax(1) <= 1e-3
+    last = (P[:, 3] - torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=P.dtype)).abs().amax(1) <= 1e-3
     if not last.all():
         raise bad(~last, "is not a rigid pose: its last row is not 0 0 0 1")
-    zok = torch.isfinite(zoom) & (zoom > 0)
+    zok = torch.isfinite(zoom) & (zoom >= 1 / MAX_ZOOM) & (zoom <= MAX_ZOOM)
     if not zok.all():
-        raise bad(~zok, f"has zoom {zoom[~zok][0].item()}: zoom must be finite and positive")
+        raise bad(~zok, f"has zoom {zoom[~zok][0].item()}: a zoom (focal length multiplier) is between "
+                        f"{1 / MAX_ZOOM:g} and {MAX_ZOOM:g}")
+    P, zoom = P.float(), zoom.float()
     if n is not None:
         idx = torch.arange(n).clamp(max=len(P) - 1)
         P, zoom = P[idx], zoom[idx]

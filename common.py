@@ -8,6 +8,8 @@ The plumbing every script shares, so that the scripts read as what they do:
   and weights broadcast in flat buckets.
 """
 import argparse
+import atexit
+import math
 import os
 import re
 import signal
@@ -69,11 +71,83 @@ def check_device(name):
     return name
 
 
-def check_out_dir(path):
-    """--out is a folder (created if missing), not an existing file."""
+FILE_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".gif", ".png", ".jpg", ".json", ".jsonl", ".pt", ".txt")
+
+
+def check_out_dir(path, flag="--out"):
+    """--out is a folder (created if missing): not an existing file, nor a name that reads as a
+    file (x.mp4: the scripts write several files into --out, under their own names)."""
     if os.path.exists(path) and not os.path.isdir(path):
-        fail(f"--out {path} is a file; --out names a folder")
+        fail(f"{flag} {path} is a file; {flag} names a folder")
+    if not os.path.isdir(path) and path.lower().endswith(FILE_SUFFIXES):
+        fail(f"{flag} {path} names a file; {flag} names a folder, into which the run writes its files under their "
+             f"own names (e.g. {flag} {os.path.splitext(path)[0]})")
     return path
+
+
+LOCK = ".lock"      # in an --out folder while a run writes there: the run's process id
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                  # another user's live process
+        return True
+    return True
+
+
+def hold_out_dir(path, flag="--out"):
+    """Make the --out folder and hold it for this process until it exits: a lock file with the
+    process id, so that a second run given the same --out stops with one error line instead of
+    overwriting the first one's files. A lock left by a process that is gone (killed) is taken over."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot make the {flag} folder {path}: {e.strerror}")
+    lock, me = os.path.join(path, LOCK), str(os.getpid())
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    owner = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and pid_alive(owner):
+                fail(f"{flag} {path} is in use by another run (process {owner}, {lock}); give another {flag}, or wait "
+                     f"for that run to end")
+            try:
+                os.remove(lock)                          # stale: its process is gone
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            fail(f"cannot write in the {flag} folder {path}: {e.strerror}")
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        atexit.register(release_out_dir, lock, me)
+        return path
+    fail(f"{flag} {path}: cannot take {lock} (another run is starting there?)")
+
+
+def release_out_dir(lock, me):
+    try:
+        with open(lock) as f:
+            if f.read().strip() == me:
+                os.remove(lock)
+    except OSError:
+        pass
+
+
+def check_finite(args, names):
+    """Float flags that must be finite numbers (inf and nan pass argparse's float())."""
+    for k in names:
+        v = getattr(args, k)
+        if v is not None and not math.isfinite(v):
+            fail(f"--{k} must be a finite number, got {v}")
 
 # -----------------------------------------------------------------------------
 # the device
@@ -119,6 +193,48 @@ class StopFlag:
         if self.hit:
             raise KeyboardInterrupt
         self.hit = True
+
+
+class StepBar:
+    """The progress bar of a training loop, which ends where the run ends: over the steps
+    start..end, or with a time budget (--minutes, where the steps are not known) over its seconds.
+    update(step, seconds) at the top of each step; finish() when the loop ends (complete: the run
+    got to its end, a step limit or the time, and the bar shows it full)."""
+
+    def __init__(self, start, end, budget_s=None, disable=False):
+        from tqdm import tqdm
+        self.start, self.timed = start, budget_s is not None
+        total = max(1, int(budget_s)) if self.timed else max(0, end - start)
+        timed = dict(bar_format="{l_bar}{bar}| {n}/{total} s of the time [{elapsed}<{remaining}]") if self.timed else {}
+        self.bar = tqdm(total=total, unit="step", disable=disable, dynamic_ncols=True, mininterval=5, **timed)
+
+    def update(self, step, seconds):
+        n = min(self.bar.total, int(seconds)) if self.timed else step - self.start
+        if n > self.bar.n:
+            self.bar.update(n - self.bar.n)
+
+    def finish(self, complete):
+        if complete and self.bar.total > self.bar.n:
+            self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()
+
+    def write(self, msg):
+        self.bar.write(msg)
+
+    def describe(self, text):
+        self.bar.set_description(text, refresh=False)
+
+
+def nonfinite(*tensors):
+    """Is any of these tensors (a loss, a gradient norm) NaN or infinite? (one host sync)"""
+    return not all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+@torch.no_grad()
+def weights_finite(*modules):
+    """Are all parameters and buffers of these modules finite? Checked before a checkpoint is written."""
+    return all(bool(torch.isfinite(t).all()) for m in modules if m is not None
+               for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point())
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from camera import PRESETS, preset_path, random_path, relative_pose
-from common import ArgumentParser, check_args, check_out_dir, fail
+from common import ArgumentParser, check_args, check_out_dir, fail, hold_out_dir
 from render import FPS, clip_spec, render_clip, render_clips, source_path
 
 # -----------------------------------------------------------------------------
@@ -94,8 +94,7 @@ def read_video(path, size=None, max_frames=None):
     [-1, 1] (centre-cropped to square and resized; grayscale becomes RGB). Never holds the
     whole video in memory. Raises VideoError with the path on a missing or unreadable file."""
     import imageio.v3 as iio
-    if not os.path.isfile(path):
-        raise VideoError(f"video not found: {path}")
+    check_video_path(path)
     count = 0
     try:
         for frame in iio.imiter(path, plugin="pyav"):
@@ -111,10 +110,16 @@ def read_video(path, size=None, max_frames=None):
         raise VideoError(f"video has no frames: {path}")
 
 
-def video_fps(path):
-    import av
+def check_video_path(path):
+    if os.path.isdir(path):
+        raise VideoError(f"{path} is a folder, not a video file")
     if not os.path.isfile(path):
         raise VideoError(f"video not found: {path}")
+
+
+def video_fps(path):
+    import av
+    check_video_path(path)
     try:
         with av.open(path) as c:
             rate = c.streams.video[0].average_rate
@@ -252,7 +257,23 @@ def load_scene(dirpath, size=None):
     T = {len(f) for f in frames}
     if len(T) != 1:
         raise ValueError(f"cameras of {dirpath} have different frame counts: {sorted(T)}")
+    check_cameras(meta_path, [c.get("name", c["file"]) for c in cams], c2ws, Ks)
     return dict(frames=torch.stack(frames), c2w=torch.stack(c2ws), K=torch.stack(Ks), fps=meta.get("fps", FPS))
+
+
+def check_cameras(meta_path, names, c2ws, Ks):
+    """A scene that can train: two cameras at least (a pair is a camera and another view of the
+    same instant), finite poses and intrinsics (one NaN turns the loss, then every weight, to NaN)."""
+    if len(names) < 2:
+        raise ValueError(f"{meta_path} lists {len(names)} camera{'s' * (len(names) != 1)}: a scene needs at least "
+                         "two synchronized cameras (training pairs a camera with another view of the same moment)")
+    for name, c2w, K in zip(names, c2ws, Ks):
+        bad = ~torch.isfinite(c2w).flatten(1).all(1)
+        if bad.any():
+            raise ValueError(f"{meta_path}: camera {name}, frame {int(bad.nonzero()[0])}: the pose has a NaN or "
+                             "infinite entry")
+        if not (torch.isfinite(K).all() and (K[:2] > 0).all()):
+            raise ValueError(f"{meta_path}: camera {name}: the intrinsics {K.tolist()} must be finite, fx and fy positive")
 
 
 def list_scenes(root):
@@ -364,9 +385,12 @@ def main():
     p.add_argument("--every", type=int, default=1, help="--multicam: keep every n-th frame")
     args = p.parse_args()
     check_args(args, positive=("scenes", "cams", "frames", "size", "every"))
+    if args.cams < 2:
+        fail(f"--cams must be at least 2 (training pairs a camera with another view of the same scene), got {args.cams}")
     if args.size % 2:
         fail(f"--size must be even (H.264 frames have even sides), got {args.size}")
     check_out_dir(args.out)
+    hold_out_dir(args.out)                                 # refused if another live run writes there
     if args.multicam:
         return convert_multicam_all(args)
     preview = []

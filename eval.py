@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import camera
 import data
 import render
-from common import ArgumentParser, check_args, check_device, check_out_dir, default_device, fail
+from common import ArgumentParser, check_args, check_device, check_out_dir, default_device, fail, hold_out_dir
 from model import SHIPPED_STUDENT, load_model, student_sample, teacher_sample
 
 EVAL_SEED = 2 ** 31 + 7_000_000  # held-out scenes; training draws seeds in [0, 2**31 - 1)
@@ -295,6 +295,11 @@ if __name__ == "__main__":
     student = "student" in ckpt
     S = model.cfg.size
     steps_list = steps_list or ([1, 2, 4] if student else [50])
+    trained = ckpt["student"].get("steps") if student else None
+    if trained and max(steps_list) > trained:
+        fail(f"--steps must be between 1 and {trained} for this student (the trained number of steps), "
+             f"got {args.steps}")
+    hold_out_dir(args.out)                                # refused if another live run writes there
     kind = "student (block-causal, KV cache)" if student else "teacher (bidirectional, Euler)"
     print(f"{args.ckpt}: {kind}, step {ckpt.get('step')}, {S}x{S}, {args.clips} clips x {args.frames} frames a family")
     batches = {fam: heldout_batch(fam, args.clips, args.frames, S, fx=args.fx) for fam in families}

@@ -33,7 +33,7 @@ import sys
 import time
 
 try:
-    from common import ArgumentParser, fail
+    from common import ArgumentParser, check_out_dir, fail, hold_out_dir
 except ImportError as e:                                  # torch missing: common.py needs it
     raise SystemExit(f"error: {e} (the GPU run needs torch: pip install torch)")
 
@@ -66,10 +66,14 @@ if args.budget <= 0 or args.teacher_minutes <= 0 or args.student_minutes <= 0 or
 if not args.dry_run and not args.device.startswith("cuda"):
     fail(f"--device {args.device}: the GPU run needs cuda or cuda:N (the CPU check is --dry_run)")
 
+check_out_dir(args.out)
+check_out_dir(args.work, "--work")
+if os.path.abspath(args.out) == os.path.abspath(args.work):
+    fail(f"--out and --work are both {args.out}: --out gets at most 8 files, --work everything else")
 t_start = time.time()
 deadline = t_start + 60 * args.budget
-os.makedirs(args.out, exist_ok=True)
-os.makedirs(args.work, exist_ok=True)
+hold_out_dir(args.out)                                   # refused if another live run writes there
+hold_out_dir(args.work, "--work")
 log_path = os.path.join(args.out, "gpu_run.log")
 log = open(log_path, "w")
 summary = dict(started=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args), stages=[])

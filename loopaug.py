@@ -27,7 +27,7 @@ import torch
 import camera
 import data
 import render
-from common import ArgumentParser, check_args, check_out_dir, fail
+from common import ArgumentParser, check_args, check_out_dir, fail, hold_out_dir
 
 
 def select(seq, idx):
@@ -157,6 +157,7 @@ if __name__ == "__main__":
         sampler = LoopSampler(args.data, args.size)
     except (OSError, ValueError) as e:
         fail(e)
+    hold_out_dir(args.out)                                 # refused if another live run writes there
     g = torch.Generator().manual_seed(args.seed)
     preview = []
     for i in tqdm(range(args.loops), desc="loops"):

@@ -541,16 +541,27 @@ def save_checkpoint(path, **state):
     os.replace(tmp, path)
 
 
+def file_kind(path):
+    """What a file that is not a checkpoint looks like, for the error line."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    text = head and all(32 <= b < 127 or b in b"\t\r\n" for b in head)
+    return "an empty file" if not head else "a text file" if text else "not the zip or pickle that torch.save writes"
+
+
 def load_checkpoint(path, map_location="cpu"):
     """A checkpoint dict (config, model, ...). Errors are one line naming the file: missing
     (FileNotFoundError), not a file torch.load reads, not a RealCam-min checkpoint, or a network
     this code no longer runs (config_from) (ValueError)."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "ckpt.pt")
+        raise ValueError(f"{path} is a folder, not a checkpoint file" + (f"; {inside} is one" * os.path.isfile(inside)))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:   # torch's own message runs to 8 lines and suggests weights_only=False
-        raise ValueError(f"cannot load checkpoint {path}: not a file torch.load reads ({type(e).__name__})") from None
+    except Exception:   # torch's own message runs to 8 lines and suggests weights_only=False
+        raise ValueError(f"cannot load checkpoint {path}: not a file torch.load reads ({file_kind(path)})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a RealCam-min checkpoint (no config/model)")
     try:

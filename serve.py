@@ -127,11 +127,13 @@ class Handler(BaseHTTPRequestHandler):
             obj = json.loads(body)
         except ValueError as e:                                 # JSONDecodeError, UnicodeDecodeError
             return self.reply(400, {"error": f"a command must be JSON: {e}"})
+        except RecursionError:                                  # [[[[...]]]]: deeper than the parser goes
+            return self.reply(400, {"error": "a command must be JSON of a few levels: this one nests too deeply"})
         if self.server.hub.closed:
             return self.reply(409, {"error": "the stream has ended"})
         try:
             ident = self.server.controls.push_json(obj)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             return self.reply(400, {"error": str(e)})
         self.reply(200, {"ok": True, "id": ident})
 

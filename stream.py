@@ -38,7 +38,7 @@ import torch
 import camera
 import data
 import render
-from common import ArgumentParser, check_args, check_device, check_out_dir, default_device, fail
+from common import ArgumentParser, check_args, check_device, check_finite, check_out_dir, default_device, fail, hold_out_dir
 from model import SHIPPED_STUDENT, KVCache, decode_target, load_model, student_chunk
 
 KEYS = {  # key: (offset component, increment)
@@ -50,6 +50,10 @@ ALL_KEYS = list(KEYS) + ["r", "q"]
 # offset components (orbit, yaw, pitch in degrees; dz forward, dy down in scene units; zoom: log focal
 # scale) and the largest increment one command from the page may carry
 MOVE_LIMITS = dict(orbit=45.0, yaw=45.0, pitch=45.0, dz=1.0, dy=1.0, zoom=1.0)
+# where the offsets stay however many commands come: angles wrap around (orbit, yaw) or stop at
+# straight up or down (pitch), moves stop at 2 scene units, zoom at camera.MAX_ZOOM either way
+WRAP, OFFSET_LIMITS = ("orbit", "yaw"), dict(pitch=90.0, dz=2.0, dy=2.0, zoom=math.log(camera.MAX_ZOOM))
+FOV_RANGE = (5.0, 150.0)   # --fov, degrees: beyond, the rays of the 32x32 crop carry no usable camera
 SYNTH_PERIOD = 48  # frames of the built-in scene, played forward then backward (a seamless loop)
 
 # -----------------------------------------------------------------------------
@@ -156,15 +160,23 @@ class Controls:
         elif kind == "key" and arg == "r":
             self.offset = dict.fromkeys(self.offset, 0.0)
         elif kind == "key":
-            name, inc = KEYS[arg]
-            self.offset[name] += inc
+            self.add(*KEYS[arg])
         elif kind == "move":
             for k, v in arg.items():
-                self.offset[k] += v
+                self.add(k, v)
         else:                                                   # a preset, played from this frame
             self.rel_path, self.zoom_path = camera.preset_path(arg, self.traj_frames)
             self.start, self.traj = frame, arg
         self.log.append((frame, command_text(cmd)))
+
+    def add(self, name, inc):
+        """One offset component moved by inc, kept where it means something (WRAP, OFFSET_LIMITS)."""
+        v = self.offset[name] + inc
+        if name in WRAP:
+            v = v if -180.0 <= v < 180.0 else (v + 180.0) % 360.0 - 180.0
+        else:
+            v = max(-OFFSET_LIMITS[name], min(OFFSET_LIMITS[name], v))
+        self.offset[name] = v
 
     def camera(self, n, m):
         """Relative poses (m, 4, 4) and focal scales (m,) of frames n..n+m-1: the trajectory, then the offset."""
@@ -202,9 +214,10 @@ def pose_summary(rel, zoom):
 # inputs: the built-in scene, a video file, pacing as a live camera
 
 
-def synthetic_source(size, seed=2 ** 31 + 123, period=SYNTH_PERIOD):
+def synthetic_source(size, seed=2 ** 31 + 123, period=SYNTH_PERIOD, info=None):
     """The built-in video, endless: a held-out synthetic scene seen by a slowly moving camera,
-    played forward over `period` frames, then backward, and so on (a seamless loop)."""
+    played forward over `period` frames, then backward, and so on (a seamless loop). info['read']
+    counts the frames made."""
     g = torch.Generator().manual_seed(seed)
     scene, c2w = render.make_scene(seed), render.source_path(period, g)
     K = torch.tensor([1.0, 1.0, 0.5, 0.5])
@@ -212,37 +225,48 @@ def synthetic_source(size, seed=2 ** 31 + 123, period=SYNTH_PERIOD):
         j = i % (2 * period - 2)
         j = min(j, 2 * period - 2 - j)
         rgb, _ = render.render(scene, c2w[j:j + 1], K[None], torch.tensor([j / render.FPS]), size, size, depth=False)
+        if info is not None:
+            info["read"] += 1
         yield rgb[0]
 
 
 def probe_video(path):
-    """(frame rate, frames its header declares or 0) of a video file. VideoError for a missing or
-    unreadable file, and for an image (one picture is not a video)."""
+    """(frame rate, frames its header declares or 0, whether that count is exact) of a video file: a
+    header with no frame count but a duration (Matroska) gives the frames that duration holds at that
+    rate, about.
+    VideoError for a missing or unreadable file, and for an image (one picture is not a video)."""
     import av
     fps = data.video_fps(path)
     try:
         with av.open(path) as c:
             fmt, declared = c.format.name, c.streams.video[0].frames
+            exact = bool(declared)
+            if not declared and c.duration and len(c.streams) == 1 and fmt != "image2" and not fmt.endswith("_pipe"):
+                declared = round(c.duration / 1e6 * fps)   # the video's duration (Matroska, WebM; no audio track)
     except Exception as e:
         raise data.VideoError(f"cannot read video {path}: {type(e).__name__}: {e}") from None
     if fmt == "image2" or fmt.endswith("_pipe"):
         raise data.VideoError(f"{path} is an image ({fmt.replace('_pipe', '')}), not a video: stream.py needs a "
                               "video (to stream a still scene, make a video of it, e.g. with ffmpeg -loop 1)")
-    return fps, declared
+    return fps, declared, exact
 
 
 def video_source(path, size, info, loop=False):
     """The frames of a video, one at a time (from the start again at its end if loop). info['read']
-    counts them; a file that ends before the frames its header declares (info['declared']) is damaged:
-    VideoError, as for a file that breaks mid-stream."""
+    counts them; a file that ends before the frames its header declares (info['declared'], exact or
+    from its duration) is damaged: VideoError, as for a file that breaks mid-stream."""
     while True:
         n = 0
         for frame in data.read_video(path, size):
             n += 1
             info["read"] += 1
             yield frame
-        if info["declared"] and n < info["declared"]:
-            raise data.VideoError(f"{path} ended after {n} of the {info['declared']} frames its header declares: "
+        want = info["declared"]
+        if info["exact"] and n < want:
+            raise data.VideoError(f"{path} ended after {n} of the {want} frames its header declares: "
+                                  "the file is truncated or damaged")
+        if not info["exact"] and n < want - max(2, want // 20):      # a duration: a few frames of slack
+            raise data.VideoError(f"{path} ended after {n} of the about {want} frames its header's duration holds: "
                                   "the file is truncated or damaged")
         if not loop:
             return
@@ -350,8 +374,10 @@ def parse_args():
     """The flags, with everything that can be checked before loading anything."""
     args = parser().parse_args()
     check_args(args, positive=("frames", "steps", "traj_frames"), nonneg=("window",))
-    if not 0 < args.fov < 180:
-        fail(f"--fov is the horizontal field of view in degrees, between 0 and 180 (exclusive), not {args.fov:g}")
+    check_finite(args, ("fov",))
+    if not FOV_RANGE[0] <= args.fov <= FOV_RANGE[1]:
+        fail(f"--fov is the horizontal field of view in degrees, between {FOV_RANGE[0]:g} and {FOV_RANGE[1]:g} (a focal "
+             f"length of 5.7 to 0.13 crop widths; the shipped models know 45 to 64), not {args.fov:g}")
     if not 0 <= args.port <= 65535:
         fail(f"--port must be between 0 and 65535, not {args.port}")
     if args.serve and args.window == 0:
@@ -378,15 +404,15 @@ def make_controls(args):
 
 def open_input(args, S):
     """-> (frame rate, frames, info dict of what was read); fails early on an unreadable input."""
-    info = dict(read=0, declared=0, loops=0, dropped=0, arrivals=deque())
+    info = dict(read=0, declared=0, exact=True, loops=0, dropped=0, arrivals=deque())
     try:
         if args.video:
-            fps, info["declared"] = probe_video(args.video)
+            fps, info["declared"], info["exact"] = probe_video(args.video)
             frames = video_source(args.video, S, info, loop=args.serve)
             first = next(frames)                                 # an empty or broken file fails here
             frames = itertools.chain([first], frames)
         else:
-            fps, frames = render.FPS, synthetic_source(S)
+            fps, frames = render.FPS, synthetic_source(S, info=info)
     except data.VideoError as e:
         fail(e)
     return fps, (paced(frames, fps, info) if args.realtime else frames), info
@@ -485,10 +511,7 @@ def report(args, rec, info, steps, fps, stop, damaged, hub, controls, t_start, m
 def main():
     args = parse_args()
     controls = make_controls(args)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot make the output folder {args.out}: {e.strerror}")
+    hold_out_dir(args.out)                                   # refused if another live run writes there
     hub = server = None
     if args.serve:                                           # bind first: a busy port fails before loading
         import serve

@@ -110,6 +110,8 @@ def _bad_trajectories():
     sheared = edit(1, lambda p: p.__setitem__((0, 1), 0.3))
     mirrored = edit(4, lambda p: p[:3, 0].neg_())                              # det -1
     last_row = edit(2, lambda p: p.__setitem__((3, 0), 0.5))
+    far300 = rel.tolist()
+    far300[1][2][3] = 1e300                                                     # finite, past float32
     return [("nan", nan, "frame 3 has a NaN or infinite entry"),
             ("inf", edit(1, lambda p: p.__setitem__((2, 3), float("inf"))), "frame 1 has a NaN or infinite entry"),
             ("scale", scaled, "frame 2 is not a rigid pose"), ("shear", sheared, "frame 1 is not a rigid pose"),
@@ -118,7 +120,12 @@ def _bad_trajectories():
             ("zoom_zero", {"poses": rel.tolist(), "zoom": [1, 1, 0, 1, 1]}, "frame 2 has zoom 0.0"),
             ("zoom_negative", {"poses": rel.tolist(), "zoom": [1, -2, 1, 1, 1]}, "frame 1 has zoom -2.0"),
             ("zoom_nan", {"poses": rel.tolist(), "zoom": [1, 1, 1, float("nan"), 1]}, "frame 3 has zoom nan"),
-            ("zoom_length", {"poses": rel.tolist(), "zoom": [1, 1]}, "one number a pose")]
+            ("zoom_length", {"poses": rel.tolist(), "zoom": [1, 1]}, "one number a pose"),
+            ("far", edit(2, lambda p: p.__setitem__((0, 3), 1e6)), "frame 2 moves the camera 1e+06 scene units"),
+            ("far300", far300, "frame 1 moves the camera 1e+300 scene units"),            # not "infinite"
+            ("zoom_huge", {"poses": rel.tolist(), "zoom": [1, 1, 1, 1, 1e308]}, "frame 4 has zoom 1e+308: a zoom"),
+            ("zoom_tiny", {"poses": rel.tolist(), "zoom": [1, 0.01, 1, 1, 1]}, "frame 1 has zoom 0.01: a zoom"),
+            ("nested", [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]], "expected a list of 4x4 poses")]
 
 
 @pytest.mark.parametrize("name,obj,msg", _bad_trajectories(), ids=[c[0] for c in _bad_trajectories()])

@@ -12,7 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 
 import pytest
+import torch
 
+import data
 from conftest import ROOT
 from model import PRESETS, SHIPPED_STUDENT, save_checkpoint
 from test_model import random_model
@@ -39,7 +41,14 @@ def files(tmp_path_factory):
                     step=0, student=dict(steps=4, stage="causal"))
     shutil.copy(d / "student.pt", d / "ckpt.pt")
     (d / "random.pt").write_bytes(os.urandom(3000))
+    (d / "text.pt").write_text("model: not a checkpoint\n")
     (d / "a_file").write_text("not a folder")
+    (d / "busy").mkdir()                                          # held by a live run: this process
+    (d / "busy" / ".lock").write_text(str(os.getpid()))
+    frames, c2w, K = torch.rand(2, 3, 3, 16, 16) * 2 - 1, torch.eye(4).repeat(2, 3, 1, 1), torch.tensor([1.0, 1, 0.5, 0.5])
+    data.write_scene(str(d / "one_cam" / "scene_00000"), frames[:1], c2w[:1], K[None])
+    c2w[1, 2, 0, 3] = float("nan")                                # one NaN in camera 1's pose at frame 2
+    data.write_scene(str(d / "nan_pose" / "scene_00000"), frames, c2w, K.repeat(2, 1))
     return d
 
 
@@ -53,6 +62,12 @@ CASES = [
     ("eval.py", "--device cuda", "CUDA is not available"),
     ("eval.py", "--ckpt {d}/random.pt", "not a file torch.load reads"),
     ("eval.py", "--ckpt {d}/teacher.pt --out {d}/a_file", "is a file; --out names a folder"),
+    ("eval.py", "--ckpt {d}/teacher.pt --out {d}/x.mp4", "--out {d}/x.mp4 names a file; --out names a folder"),
+    ("eval.py", "--ckpt {d}/teacher.pt --out {d}/busy", "is in use by another run (process {pid}"),
+    ("eval.py", "--ckpt {d}/student.pt --steps 99", "--steps must be between 1 and 4 for this student"),
+    ("eval.py", "--ckpt {d}/student.pt --steps 1,5", "--steps must be between 1 and 4 for this student"),
+    ("eval.py", "--ckpt {d}/text.pt", "not a file torch.load reads (a text file)"),
+    ("eval.py", "--ckpt {d}", "is a folder, not a checkpoint file; {d}/ckpt.pt is one"),
     ("bench.py", "--window -1", "--window must be non-negative"),
     ("bench.py", "--teacher_steps 0", "--teacher_steps must be at least 1"),
     ("bench.py", "--device cuda:0", "CUDA is not available"),
@@ -64,6 +79,11 @@ CASES = [
     ("teacher.py", "--preset tiny --device gpu0", "use cpu, cuda or cuda:N"),
     ("teacher.py", "--preset tiny --out {d} --resume", "is a student checkpoint; --resume continues a teacher"),
     ("teacher.py", "--preset tiny --minutes 0", "--minutes must be positive"),
+    ("teacher.py", "--preset tiny --lr inf", "--lr must be a finite number, got inf"),
+    ("teacher.py", "--preset tiny --clip nan", "--clip must be a finite number, got nan"),
+    ("teacher.py", "--preset tiny --data {d}/one_cam", "scene_00000/cameras.json lists 1 camera: a scene needs at least two"),
+    ("teacher.py", "--preset tiny --data {d}/nan_pose", "camera cam01, frame 2: the pose has a NaN or infinite entry"),
+    ("teacher.py", "--preset tiny --out {d}/busy", "--out {d}/busy is in use by another run (process {pid}"),
     ("teacher.py", "--preset tiny --compile --device cuda", "CUDA is not available"),
     ("distill.py", "--teacher {d}/teacher.pt --steps 0", "--steps must be at least 1"),
     ("distill.py", "--teacher {d}/teacher.pt --window -1", "--window must be non-negative"),
@@ -74,6 +94,11 @@ CASES = [
     ("distill.py", "--teacher {d}/teacher.pt --stage dmd", "argument --stage: invalid choice: 'dmd'"),
     ("distill.py", "--teacher {d}/teacher.pt --device cuda", "CUDA is not available"),
     ("distill.py", "--teacher {d}/random.pt", "not a file torch.load reads"),
+    ("distill.py", "--teacher {d}/teacher.pt --lr inf", "--lr must be a finite number"),
+    ("distill.py", "--teacher {d}/teacher.pt --data {d}/one_cam", "lists 1 camera: a scene needs at least two"),
+    ("distill.py", "--teacher {d}/teacher.pt --data {d}/nan_pose", "the pose has a NaN or infinite entry"),
+    ("distill.py", "--teacher {d}/teacher.pt --out {d}/busy", "is in use by another run (process {pid}"),
+    ("distill.py", "--teacher {d}", "is a folder, not a checkpoint file"),
     ("distill.py", "--teacher {d}/student.pt", "is a student checkpoint; --teacher needs a teacher"),
     ("distill.py", "--teacher {d}/teacher.pt --stage selfforcing --init {d}/teacher.pt", "is a teacher checkpoint"),
     ("distill.py", "--teacher {d}/teacher.pt --stage causal --init {d}/student.pt", "is a student checkpoint"),
@@ -81,11 +106,18 @@ CASES = [
     ("distill.py", "--teacher {shipped_teacher} --stage selfforcing --init {d}/student.pt", "another network"),
     ("loopaug.py", "--frames 2", "--frames must be at least 3"),
     ("loopaug.py", "--loops 0", "--loops must be at least 1"),
+    ("loopaug.py", "--data {d}/one_cam --size 16", "lists 1 camera: a scene needs at least two"),
+    ("loopaug.py", "--data {d}/nan_pose --size 16", "camera cam01, frame 2: the pose has a NaN or infinite entry"),
     ("data.py", "--scenes 0", "--scenes must be at least 1"),
     ("data.py", "--size 17", "--size must be even"),
+    ("data.py", "--cams 1", "--cams must be at least 2"),
+    ("data.py", "--out {d}/busy --scenes 1 --frames 2 --size 16", "is in use by another run"),
     ("gpu_run.py", "--device cpu --out {d}/gpu", "the GPU run needs cuda or cuda:N"),
     ("gpu_run.py", "--budget 0 --dry_run --out {d}/gpu", "--budget, --teacher_minutes and --student_minutes must be positive"),
     ("gpu_run.py", "--budget x", "argument --budget: invalid float value"),
+    ("gpu_run.py", "--dry_run --out {d}/a_file", "--out {d}/a_file is a file; --out names a folder"),
+    ("gpu_run.py", "--dry_run --work {d}/a_file", "--work {d}/a_file is a file; --work names a folder"),
+    ("gpu_run.py", "--dry_run --out {d}/busy", "--out {d}/busy is in use by another run"),
 ]
 
 
@@ -95,7 +127,9 @@ def test_bad_input_is_one_error_line(files, script, args, msg):
     r = run(script, *argv, cwd=files, timeout=60)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    msg = msg.format(d=files, pid=os.getpid())
     assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], r.stderr
+    assert (files / "busy" / ".lock").read_text() == str(os.getpid())        # a live run's lock stays
 
 # -----------------------------------------------------------------------------
 # --help: every flag explained, with its default

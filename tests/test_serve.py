@@ -9,6 +9,7 @@ import base64
 import http.client
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -308,7 +309,8 @@ def test_server_commands_viewers_and_ctrl_c(tiny_student, tmp_path):
         s0 = srv.wait_frame(2)
         assert srv.state()["presets"] == camera.PRESETS and set(s0["keys"]) == set(stream.KEYS)
         bad = ['{"key": "p"}', "not json", "[1, 2]", '{"move": {"orbit": "far"}}', '{"preset": "/etc/passwd"}',
-               '{"key": "a", "move": {}}', '{"launch": 1}', "\xff", "x" * 5000]
+               '{"key": "a", "move": {}}', '{"launch": 1}', "\xff", "x" * 5000, "[" * 2000 + "]" * 2000,
+               '{"key": ' + "[" * 900 + "]" * 900 + "}"]
         for body in bad:
             code, reply = srv.post(body)
             assert code == 400 and isinstance(reply["error"], str) and reply["error"], (body, reply)
@@ -320,6 +322,11 @@ def test_server_commands_viewers_and_ctrl_c(tiny_student, tmp_path):
         assert code == 200 and reply["ok"]
         s1 = srv.wait_frame(s0["frame"] + 4)                       # the stream went on
         assert s1["offset"]["orbit"] == 5 and s1["cmd"] == reply["id"]
+        for _ in range(800):                                        # valid, in bounds: the zoom stops at its limit
+            code, reply = srv.post('{"move": {"zoom": 1.0}}')
+            assert code == 200
+        s1 = srv.wait_frame(srv.state()["frame"] + 2)
+        assert s1["offset"]["zoom"] == math.log(camera.MAX_ZOOM) and s1["cmd"] == reply["id"]
         # three viewers at once
         results = [[] for _ in range(3)]
         threads = [threading.Thread(target=lambda r=r: r.extend(sse_messages(srv.url, 6))) for r in results]
@@ -334,7 +341,7 @@ def test_server_commands_viewers_and_ctrl_c(tiny_student, tmp_path):
         srv.kill()
     assert code == 0 and "interrupted" in stdout and "Traceback" not in stderr, stderr
     log = json.load(open(os.path.join(out, "stream_latency.json")))
-    assert [c for _, c in log["commands"]] == ["a"] and max(log["viewers"]) >= 3
+    assert [c for _, c in log["commands"]] == ["a"] + ["move zoom=1"] * 800 and max(log["viewers"]) >= 3
     assert len(list(data.read_video(os.path.join(out, "stream.mp4")))) == log["frames"]
 
 

@@ -55,6 +55,11 @@ def read_log(out):
 
 def test_stream_end_to_end(script, student, tmp_path):
     out = str(tmp_path / "o")
+    os.makedirs(out)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with open(os.path.join(out, ".lock"), "w") as f:                # left by a run that was killed: taken over
+        f.write(str(gone.pid))
     r = script("stream.py", "--ckpt", student["ckpt"], "--video", student["video"], "--traj", "pan_left", "--out", out)
     assert "7 frames" in r.stdout and "real-time factor" in r.stdout
     assert "read 7 frames" in r.stdout and "the end of the video" in r.stdout
@@ -66,9 +71,11 @@ def test_stream_end_to_end(script, student, tmp_path):
     assert W > 2 * H - 16 and W < 2 * H + 16                      # source | generated, side by side
     log = read_log(out)
     assert len(log["latency_ms"]) == 7 and log["steps"] == 4 and log["frames_read"] == 7
+    assert sorted(os.listdir(out)) == ["stream.mp4", "stream_latency.json"]      # the lock went with the run
     # without --video: the built-in synthetic scene
     r = script("stream.py", "--ckpt", student["ckpt"], "--frames", 3, "--steps", 1, "--out", str(tmp_path / "s"))
     assert "3 frames" in r.stdout and "--frames 3 reached" in r.stdout
+    assert read_log(str(tmp_path / "s"))["frames_read"] == 3
     # a video shorter than --frames: said so, exit 0 (the file is whole)
     r = script("stream.py", "--ckpt", student["ckpt"], "--video", student["video"], "--frames", 50, "--steps", 1,
                "--out", out)
@@ -146,6 +153,29 @@ def test_controls_commands_from_the_page():
     assert c.live.empty()
 
 
+def test_offsets_stay_bounded(script, student, tmp_path):
+    """However many commands come, the camera stays where it means something: angles wrap (orbit,
+    yaw) or stop (pitch), moves and zoom stop at their limits (7,500 z keys overflowed math.exp)."""
+    rel, zoom = camera.preset_path("static", 4)
+    c = stream.Controls(rel, zoom, "static", traj_frames=4)
+    for _ in range(800):
+        c.push_json({"move": {"zoom": 1.0, "orbit": 45, "pitch": 45, "dz": 1.0, "dy": -1.0}})
+    c.apply(0)
+    got, z = c.camera(0, 1)
+    assert c.offset["zoom"] == math.log(camera.MAX_ZOOM) and z.item() == pytest.approx(camera.MAX_ZOOM)
+    assert c.offset["orbit"] == 0 and c.offset["pitch"] == 90                   # 800 x 45 degrees: 100 turns
+    assert c.offset["dz"] == 2 and c.offset["dy"] == -2 and torch.isfinite(got).all()
+    for _ in range(9):
+        c.push_json({"move": {"orbit": -45}})
+    c.apply(1)
+    assert c.offset["orbit"] == -45                                    # 0 - 405 wraps to -45
+    out = str(tmp_path / "z")
+    script("stream.py", "--ckpt", student["ckpt"], "--traj", "static", "--frames", 2, "--steps", 1,
+           "--interactive", "--out", out, stdin="0 " + "z " * 7500 + "\n1 " + "x " * 7500 + "\n")
+    log = read_log(out)
+    assert log["zoom"] == pytest.approx([camera.MAX_ZOOM, 1 / camera.MAX_ZOOM]) and len(log["commands"]) == 15000
+
+
 def test_fov_sets_the_rays(student):
     """--fov: fx = 0.5 / tan(fov / 2) for the source and target rays, as in the offline sampler."""
     model, _ = load_model(student["ckpt"])
@@ -218,6 +248,23 @@ def bad_files(d, student):
             c.mux(p)
     b = (d / "whole.avi").read_bytes()
     (d / "cut.avi").write_bytes(b[:len(b) // 2])
+    with av.open(str(d / "whole.mkv"), "w") as c:                # Matroska: no frame count, a duration
+        s = c.add_stream("mjpeg", rate=12)
+        s.width, s.height, s.pix_fmt = 40, 40, "yuvj420p"
+        for f in clip:
+            for p in s.encode(av.VideoFrame.from_ndarray(data.to_uint8(f), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    b = (d / "whole.mkv").read_bytes()
+    (d / "cut.mkv").write_bytes(b[:len(b) // 2])
+    far = lambda t: [[[1, 0, 0, t], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]]
+    (d / "far.json").write_text(json.dumps(far(1e6)))
+    (d / "far300.json").write_text(json.dumps(far(1e300)))
+    (d / "zoom.json").write_text(json.dumps({"poses": far(0), "zoom": [1e308]}))
+    (d / "deep.json").write_text("[" * 3000 + "]" * 3000)
+    (d / "busy").mkdir()                                          # held by a live run: this process
+    (d / "busy" / ".lock").write_text(str(os.getpid()))
 
 
 BAD = [  # (arguments, stdin, what the one error line says); {d}: a folder of damaged files, {ckpt}: a tiny student
@@ -239,6 +286,18 @@ BAD = [  # (arguments, stdin, what the one error line says); {d}: a folder of da
     (["--video", "{d}/empty.mp4"], None, "empty.mp4"),
     (["--video", "{d}/still.png"], None, "is an image (png), not a video"),
     (["--video", "{d}/cut.avi"], None, "ended after 5 of the 20 frames its header declares"),
+    (["--video", "{d}/cut.mkv"], None, "of the about 20 frames its header's duration holds"),
+    (["--video", "{d}"], None, "is a folder, not a video file"),
+    (["--ckpt", "{d}"], None, "is a folder, not a checkpoint file"),
+    (["--ckpt", "{d}/bad.json"], None, "not a file torch.load reads (a text file)"),
+    (["--traj", "{d}/far.json"], None, "frame 0 moves the camera 1e+06 scene units from the source; at most 10"),
+    (["--traj", "{d}/far300.json"], None, "frame 0 moves the camera 1e+300 scene units"),
+    (["--traj", "{d}/zoom.json"], None, "frame 0 has zoom 1e+308: a zoom (focal length multiplier) is between 0.1 and 10"),
+    (["--traj", "{d}/deep.json"], None, "cannot read trajectory"),
+    (["--fov", "1e-9"], None, "between 5 and 150"),
+    (["--fov", "nan"], None, "--fov must be a finite number"),
+    (["--out", "{d}/x.mp4"], None, "x.mp4 names a file; --out names a folder"),
+    (["--out", "{d}/busy"], None, "busy is in use by another run (process"),
     (["--traj", "spin"], None, "unknown trajectory 'spin'"),
     (["--traj", "{d}/bad.json"], None, "bad.json"),
     (["--port", "70000", "--serve"], None, "--port must be between 0 and 65535"),
@@ -268,6 +327,10 @@ def test_bad_input(student, tmp_path_factory, args, stdin, message):
     if "cut.avi" in args[-1]:                      # damaged mid-stream: the frames before it are kept and said
         assert "read 5 frames" in r.stdout and "kept in" in lines[0]
         assert len(list(data.read_video(os.path.join(out, "stream.mp4")))) == 5
+    if "cut.mkv" in args[-1]:
+        n = int(lines[0].split("ended after ")[1].split()[0])
+        assert 0 < n < 15 and f"read {n} frames" in r.stdout and "kept in" in lines[0]
+    assert (d / "busy" / ".lock").read_text() == str(os.getpid())        # a live run's lock stays
 
 
 def test_port_in_use(student, tmp_path):
@@ -292,9 +355,13 @@ def test_ctrl_c_keeps_a_playable_video(student, tmp_path):
         if os.path.exists(mp4) and os.path.getsize(mp4) > 0:
             time.sleep(2)
             break
+    second = subprocess.run([sys.executable, "stream.py", "--ckpt", student["ckpt"], "--frames", "2", "--out", out],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)     # the same --out, while it runs
+    assert second.returncode == 1 and second.stderr.startswith("error: ") and "Traceback" not in second.stderr
+    assert f"is in use by another run (process {proc.pid}" in second.stderr
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "interrupted" in stdout, stderr
     n = read_log(out)["frames"]
-    assert n > 0 and len(list(data.read_video(mp4))) == n
+    assert n > 0 and len(list(data.read_video(mp4))) == n and not os.path.exists(os.path.join(out, ".lock"))
 
