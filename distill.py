@@ -32,12 +32,12 @@ from dataclasses import asdict, replace
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import camera
 import data
-from common import (ArgumentParser, StopFlag, agree, allreduce, autocast_for, broadcast, check_args, check_device,
-                    check_out_dir, default_device, ema_update, fail, setup_ddp)
+from common import (ArgumentParser, StepBar, StopFlag, agree, allreduce, autocast_for, broadcast, check_args, check_device,
+                    check_finite, check_out_dir, default_device, ema_update, fail, hold_out_dir, nonfinite, setup_ddp,
+                    weights_finite)
 from eval import format_quick, quick_eval, save_sample_video, save_strip
 from loopaug import LoopSampler
 from model import (WARP_PLANES, KVCache, RealCamDiT, add_noise, config_from, encode_target, flow_loss, load_checkpoint,
@@ -254,6 +254,7 @@ def parse_args():
     args = p.parse_args()
     check_args(args, positive=("chunk", "steps", "pairs", "max_pairs", "causal_steps", "selfforcing_steps", "critic_steps"),
                nonneg=("window", "eval_every"))
+    check_finite(args, ("dmd", "recon", "guidance", "lr", "lr_critic", "warp_lr", "minutes", "loopaug"))
     if args.dmd < 0 or args.recon < 0 or args.dmd == args.recon == 0:
         fail(f"--dmd and --recon are loss weights, >= 0 and not both 0, got {args.dmd} and {args.recon}")
     if args.loopaug is None:
@@ -349,6 +350,9 @@ def save_stage(path, stage, step, nets, run, train_seconds):
     """Rank 0 writes the stage's checkpoint; under DDP every rank waits for it (the next stage,
     on any rank, starts from this file)."""
     student, ema, opt, critic, opt_c = nets
+    if not weights_finite(student, ema, critic):
+        fail(f"{stage} diverged: the weights are NaN or infinite at step {step}, so they were not saved; the last "
+             f"checkpoint written, {path}, stands (if any): continue it with --resume, with a lower --lr")
     if run.rank == 0:
         extra = dict(critic=critic.state_dict(), optim_critic=opt_c.state_dict()) if critic is not None else {}
         cuda = run.args.device.startswith("cuda")
@@ -388,7 +392,10 @@ class Run:
         except (OSError, ValueError) as e:
             fail(e)
         self.loops = LoopSampler(None, scfg.size, scenes=self.dataset.scenes) if args.loopaug > 0 else None
-        os.makedirs(args.out, exist_ok=True)
+        if rank == 0:
+            hold_out_dir(args.out)
+        else:
+            os.makedirs(args.out, exist_ok=True)
         self.interrupt, self.seconds = StopFlag(), {}
 
     def batch(self, step, stage):
@@ -417,7 +424,8 @@ class Run:
 
 
 def stage_step(run, stage, step, nets, max_steps):
-    """One training step of the stage (causal_step, or selfforcing_step). Returns its log line."""
+    """One training step of the stage (causal_step, or selfforcing_step). Returns its log line and,
+    if the loss or the gradient norm is NaN or infinite, (step, loss, gradient norm)."""
     args, (student, _, opt, critic, opt_c) = run.args, nets
     g = data.rng(args.seed, TAG[stage], step, run.rank)
     gs = data.rng(args.seed, TAG[stage], step)                 # shared by ranks
@@ -425,12 +433,14 @@ def stage_step(run, stage, step, nets, max_steps):
     msg = f"{stage} {step}/{max_steps if max_steps < 10 ** 9 else '-'} | T {batch[0].shape[1]}"
     if stage == "causal":
         loss, gn = causal_step(student, opt, batch, g, CLIP, run.world, run.autocast)
-        return msg + f" | loss {loss.item():.4f} | gnorm {gn.item():.2f}"
-    loss, gnorm_g, gn, exit_step, loss_c = selfforcing_step(
-        student, opt, run.teacher, critic, batch, args.steps, g, gs, CLIP, args.recon, run.world, run.autocast,
-        args.dmd, opt_c, args.critic_steps, args.guidance)
-    return msg + (f" | loss {loss.item():.3e} | critic {loss_c.item():.4f} | |g| {gnorm_g.mean().item():.2f}"
-                  f" | gnorm {gn.item():.2f} | exit {exit_step}")
+        msg += f" | loss {loss.item():.4f} | gnorm {gn.item():.2f}"
+    else:
+        loss, gnorm_g, gn, exit_step, loss_c = selfforcing_step(
+            student, opt, run.teacher, critic, batch, args.steps, g, gs, CLIP, args.recon, run.world, run.autocast,
+            args.dmd, opt_c, args.critic_steps, args.guidance)
+        msg += (f" | loss {loss.item():.3e} | critic {loss_c.item():.4f} | |g| {gnorm_g.mean().item():.2f}"
+                f" | gnorm {gn.item():.2f} | exit {exit_step}")
+    return msg, ((step, loss.item(), gn.item()) if nonfinite(loss, gn) else None)
 
 
 def stage_loop(run, stage, nets, start, max_steps, spent):
@@ -440,11 +450,18 @@ def stage_loop(run, stage, nets, start, max_steps, spent):
     args, master = run.args, run.rank == 0
     path, t_stage = os.path.join(args.out, f"{stage}.pt"), time.time()
     seconds = lambda: spent + time.time() - t_stage                 # this stage's time, across --resume
-    bar = tqdm(range(start, max_steps + 1), disable=not master, dynamic_ncols=True, mininterval=5)
-    times, last_eval = [], None
-    for step in bar:
+    bar = StepBar(start, max_steps, run.budget(stage) if args.minutes else None, disable=not master)
+    times, last_eval, bad, complete = [], None, None, False
+    saved = start if start else None                                # resumed: the file we started from
+    for step in range(start, max_steps + 1):
         used = seconds()
-        hit, time_up = agree(run.ddp, args.device, run.interrupt.hit, bool(args.minutes) and used >= run.budget(stage))
+        bar.update(step, used)
+        hit, time_up, nan = agree(run.ddp, args.device, run.interrupt.hit,
+                                  bool(args.minutes) and used >= run.budget(stage), bad is not None)
+        if nan or hit:
+            bar.finish(False)
+        if nan:
+            diverged(bad, stage, saved, path, master)
         if hit:
             if master:
                 print(f"interrupted after {step} steps of {stage}: saving {path} (continue with --resume)")
@@ -456,12 +473,14 @@ def stage_loop(run, stage, nets, start, max_steps, spent):
             bar.write(line)
         if (step % SAVE_EVERY == 0 or last) and step > start:
             save_stage(path, stage, step, nets, run, seconds())
+            saved = step
         if last:
+            complete = True
             if time_up and master:
                 print(f"{stage}: time is up ({used / 60:.2f} min) after {step} steps")
             break
         t0 = time.time()
-        msg = stage_step(run, stage, step, nets, max_steps)
+        msg, bad = stage_step(run, stage, step, nets, max_steps)
         ema_update(nets[1], nets[0], step, EMA)
         times.append(time.time() - t0)
         if master:
@@ -470,7 +489,19 @@ def stage_loop(run, stage, nets, start, max_steps, spent):
                 f.write(msg + "\n")
             if step % 25 == 0 or step < start + 3:
                 bar.write(msg)
+    bar.finish(complete)
     return step, times, used, time_up, last_eval
+
+
+def diverged(bad, stage, saved, path, master):
+    """A NaN or infinite loss (bad: step, loss, gradient norm): one error line, nothing saved."""
+    if not master:
+        raise SystemExit(1)
+    step, loss, gnorm = bad
+    kept = (f"{path} (step {saved}) stands: continue it with --resume" if saved is not None else
+            f"no {stage} checkpoint was written by this run")
+    fail(f"{stage} diverged at step {step}: the loss is {loss} (gradient norm {gnorm}); the weights were not saved, "
+         f"{kept} (a lower --lr, or check --data for NaN)")
 
 
 def run_stage(run, stage):

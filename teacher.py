@@ -24,13 +24,13 @@ import time
 from dataclasses import asdict, replace
 
 import torch
-from tqdm import tqdm
 
 import camera
 import data
 from attention import attention_pairs
-from common import (ArgumentParser, StopFlag, agree, autocast_for, check_args, check_device, check_out_dir,
-                    default_device, ema_update, fail, peak_flops, setup_ddp)
+from common import (ArgumentParser, StepBar, StopFlag, agree, autocast_for, check_args, check_device, check_finite,
+                    check_out_dir, default_device, ema_update, fail, hold_out_dir, nonfinite, peak_flops, setup_ddp,
+                    weights_finite)
 from eval import format_quick, quick_eval, save_sample_video, save_strip
 from model import (PRESETS, RealCamDiT, add_noise, compile_blocks, config_from, encode_target, flops_per_forward,
                    flow_loss, load_checkpoint, null_camera, num_params, sample_t, save_checkpoint)
@@ -86,6 +86,7 @@ def parse_args():
         fail(f"unknown --preset '{args.preset}': choose from {', '.join(PRESETS)}")
     if args.minutes is not None and not args.minutes > 0:
         fail(f"--minutes must be positive, got {args.minutes}")
+    check_finite(args, ("lr", "clip", "minutes"))
     if not (args.lr > 0 and args.clip > 0 and 0 <= args.ema < 1):
         fail("--lr and --clip must be positive, --ema in [0, 1)")
     if not 0 <= args.cond_drop < 1:
@@ -226,10 +227,26 @@ def summarize(times, step, wall_s, train_s, best, last_eval, cfg, device_name, p
 
 
 def save(path, model, ema, optim, step, args, best, train_seconds):
+    """The checkpoint, only of finite weights: a run that diverged keeps its last good one."""
+    if not weights_finite(model, ema):
+        fail(f"training diverged: the weights are NaN or infinite at step {step}, so they were not saved; the last "
+             f"checkpoint written, {path}, stands (if any): continue it with --resume, with a lower --lr")
     cuda = args.device.startswith("cuda")
     rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
     save_checkpoint(path, model=model.state_dict(), ema=ema.state_dict(), optim=optim.state_dict(), step=step,
                     config=asdict(model.cfg), args=vars(args), rng=rng, best_gain=best, train_seconds=train_seconds)
+    return step
+
+
+def diverged(bad, saved, path, master):
+    """A NaN or infinite loss (bad: step, loss, gradient norm): one error line, nothing saved."""
+    if not master:
+        raise SystemExit(1)
+    step, loss, gnorm = bad
+    kept = (f"{path} (step {saved}) stands: continue it with --resume" if saved is not None else
+            "no checkpoint was written by this run")
+    fail(f"training diverged at step {step}: the loss is {loss} (gradient norm {gnorm}); the weights were not saved, "
+         f"{kept} (a lower --lr, or check --data for NaN)")
 
 
 def train(args, net, model, ema, optim, dataset, start, best, trained_s, ddp, rank, world):
@@ -242,13 +259,19 @@ def train(args, net, model, ema, optim, dataset, start, best, trained_s, ddp, ra
     peak = peak_flops(torch.cuda.get_device_name(args.device) if cuda else "cpu")
     t_start = time.time()
     seconds = lambda: trained_s + time.time() - t_start            # the schedule's wall-clock time so far
-    times, last_eval = [], None
-    bar = tqdm(range(start, args.max_steps + 1), disable=not master, dynamic_ncols=True, mininterval=5)
-    interrupt = StopFlag()
-    for step in bar:
+    times, last_eval, bad, saved = [], None, None, (start if args.resume and start else None)
+    bar = StepBar(start, args.max_steps, 60 * args.minutes if args.minutes else None, disable=not master)
+    interrupt, complete = StopFlag(), False
+    for step in range(start, args.max_steps + 1):
         used = seconds()
-        hit, time_up = agree(ddp, args.device, interrupt.hit, bool(args.minutes) and used >= 60 * args.minutes)
+        bar.update(step, used)
+        hit, time_up, nan = agree(ddp, args.device, interrupt.hit, bool(args.minutes) and used >= 60 * args.minutes,
+                                  bad is not None)
+        if nan:
+            bar.finish(False)
+            diverged(bad, saved, ckpt_path, master)
         if hit:
+            bar.finish(False)
             if master:
                 print(f"interrupted after {step} steps: saving {ckpt_path} (continue with --resume)")
                 save(ckpt_path, model, ema, optim, step, args, best, seconds())
@@ -259,8 +282,9 @@ def train(args, net, model, ema, optim, dataset, start, best, trained_s, ddp, ra
             best = max(best, last_eval["gain"])
             bar.write(lines)
         if master and (step % args.save_every == 0 or last) and step > start:
-            save(ckpt_path, model, ema, optim, step, args, best, seconds())
+            saved = save(ckpt_path, model, ema, optim, step, args, best, seconds())
         if last or step == args.stop_at:
+            complete = last
             if not last and master:
                 save(ckpt_path, model, ema, optim, step, args, best, seconds())
                 print(f"stopped at step {step} as asked (--stop_at): continue with --resume")
@@ -274,17 +298,20 @@ def train(args, net, model, ema, optim, dataset, start, best, trained_s, ddp, ra
         t1 = time.time()
         lr = lr_at(step, progress(step, used, args), args)
         loss, gnorm = train_step(net, model, ema, optim, batch, step, lr, args, rank)
+        if nonfinite(loss, gnorm):
+            bad = (step, loss.item(), gnorm.item())
         if cuda:
             torch.cuda.synchronize()
         (B, T), dt_data, dt = batch[0].shape[:2], t1 - t0, time.time() - t1
         times.append((dt_data, dt, T, B))
         if master:
             msg = step_line(step, loss, gnorm, lr, T, B, dt_data, dt, world, cfg, peak, args)
-            bar.set_description(f"loss {loss.item():.4f}", refresh=False)
+            bar.describe(f"loss {loss.item():.4f}")
             with open(os.path.join(args.out, "log.txt"), "a") as f:
                 f.write(msg + "\n")
             if step % 50 == 0 or step < start + 5:
                 bar.write(msg)
+    bar.finish(complete)
     return step, times, best, last_eval, t_start
 
 
@@ -321,7 +348,7 @@ def main():
     except (OSError, ValueError) as e:
         fail(e)
     if master:
-        os.makedirs(args.out, exist_ok=True)
+        hold_out_dir(args.out)
         print(f"teacher: preset {args.preset}, {num_params(model) / 1e6:.2f}M params, {cfg.size}x{cfg.size}, "
               f"{args.pairs} pairs x {world} processes a step, device {args.device}, compile {args.compile}, "
               f"data {args.data or 'synthetic'}, steps {start}.."

@@ -36,9 +36,10 @@ def test_tiny_teacher_overfits_one_batch():
     assert losses[-1] < losses[0] / 10, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
-def teacher(script, out, *extra, device="cpu"):
+def teacher(script, out, *extra, device="cpu", ok=True):
     return script("teacher.py", "--preset", "tiny", "--out", out, "--pairs", 4, "--max_pairs", 3,
-                  "--eval_every", 4, "--eval_steps", 2, "--save_every", 100, "--warmup", 2, "--device", device, *extra)
+                  "--eval_every", 4, "--eval_steps", 2, "--save_every", 100, "--warmup", 2, "--device", device, *extra,
+                  ok=ok)
 
 
 @pytest.mark.cpu_only
@@ -127,3 +128,42 @@ def test_ddp_two_cpu_processes(tmp_path, device):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 processes a step" in r.stdout and load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 3
+
+
+def bar_end(stderr):
+    """The last state of a tqdm bar in a script's stderr ('\r' between its updates)."""
+    return [s for s in stderr.replace("\r", "\n").splitlines() if "%|" in s][-1]
+
+
+@pytest.mark.cpu_only
+def test_a_diverged_run_saves_nothing_and_resumes(script, tmp_path):
+    """A NaN loss (a learning rate of 1e30) stops the run with one error line at the next step, the
+    last good checkpoint stays (finite, its step) and --resume continues it; distill.py alike. The
+    progress bars end full, over the steps or, with --minutes, over the time."""
+    out = str(tmp_path / "t")
+    args = ["--max_steps", 4, "--warmup", 0, "--eval_every", 0]
+    r = teacher(script, out, *args, "--stop_at", 2)
+    r = teacher(script, out, *args, "--resume", "--lr", "1e30", ok=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[-1].startswith("error: training diverged at step 3: the loss is nan") and "%|" not in lines[-1]
+    assert f"{out}/ckpt.pt (step 2) stands: continue it with --resume" in lines[-1]
+    ck = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    r = teacher(script, out, *args, "--resume")
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 4 and "100%" in bar_end(r.stderr)
+    assert "| 2/2 [" in bar_end(r.stderr)
+    r = teacher(script, str(tmp_path / "m"), "--minutes", 0.03, "--eval_every", 0)
+    assert "100%" in bar_end(r.stderr) and "s of the time" in bar_end(r.stderr)
+    student, common = str(tmp_path / "s"), ["--teacher", os.path.join(out, "ckpt.pt"), "--pairs", 2, "--max_pairs", 3,
+                                            "--eval_every", 0]
+    r = script("distill.py", *common, "--out", student, "--stage", "causal", "--lr", "1e30", ok=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[-1].startswith("error: causal diverged at step ") and "the loss is nan" in lines[-1]
+    assert "no causal checkpoint was written by this run" in lines[-1] and not os.path.exists(student + "/causal.pt")
+    r = script("distill.py", *common, "--out", student, "--causal_steps", 3, "--selfforcing_steps", 2)
+    bars = [s for s in r.stderr.replace("\r", "\n").splitlines() if "%|" in s]
+    assert any("100%" in b and "| 3/3 [" in b for b in bars) and "100%" in bars[-1] and "| 2/2 [" in bars[-1]
+    r = script("distill.py", *common, "--out", str(tmp_path / "sm"), "--minutes", 0.05)
+    assert "100%" in bar_end(r.stderr) and "s of the time" in bar_end(r.stderr)
