@@ -238,26 +238,17 @@ def bad_files(d, student):
     (d / "random.pt").write_bytes(os.urandom(5000))
     (d / "afile").write_text("not a folder")
     iio.imwrite(str(d / "still.png"), data.to_uint8(clip[0]))
-    with av.open(str(d / "whole.avi"), "w") as c:                # an AVI cut in half: its header says 20 frames
-        s = c.add_stream("mjpeg", rate=12)
-        s.width, s.height, s.pix_fmt = 40, 40, "yuvj420p"
-        for f in clip:
-            for p in s.encode(av.VideoFrame.from_ndarray(data.to_uint8(f), format="rgb24")):
+    for ext in ("avi", "mkv"):      # cut in half: an AVI's header says 20 frames; Matroska has a duration
+        with av.open(str(d / f"whole.{ext}"), "w") as c:
+            s = c.add_stream("mjpeg", rate=12)
+            s.width, s.height, s.pix_fmt = 40, 40, "yuvj420p"
+            for f in clip:
+                for p in s.encode(av.VideoFrame.from_ndarray(data.to_uint8(f), format="rgb24")):
+                    c.mux(p)
+            for p in s.encode():
                 c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    b = (d / "whole.avi").read_bytes()
-    (d / "cut.avi").write_bytes(b[:len(b) // 2])
-    with av.open(str(d / "whole.mkv"), "w") as c:                # Matroska: no frame count, a duration
-        s = c.add_stream("mjpeg", rate=12)
-        s.width, s.height, s.pix_fmt = 40, 40, "yuvj420p"
-        for f in clip:
-            for p in s.encode(av.VideoFrame.from_ndarray(data.to_uint8(f), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    b = (d / "whole.mkv").read_bytes()
-    (d / "cut.mkv").write_bytes(b[:len(b) // 2])
+        b = (d / f"whole.{ext}").read_bytes()
+        (d / f"cut.{ext}").write_bytes(b[:len(b) // 2])
     far = lambda t: [[[1, 0, 0, t], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]]
     (d / "far.json").write_text(json.dumps(far(1e6)))
     (d / "far300.json").write_text(json.dumps(far(1e300)))
