@@ -6,17 +6,24 @@ trajectory family: PSNR against the rendered ground truth on all pixels, on the 
 and on the rest (disoccluded: where the model must invent), next to copy-the-source and, on the
 co-visible pixels, the depth-warp oracle (the source resampled with the true depth: what perfect
 geometry gives at this resolution); SSIM; temporal flicker; detail (fine detail over the
-truth's: blur shows below 1, where PSNR may still reward it), by family and by frame; time per generated frame; for
-students, a 48-frame orbit streamed through the KV cache, by thirds. Prints a table, writes
-runs/eval/eval.json and eval.png (--out).
+truth's: blur shows below 1, where PSNR may still reward it), by family and by frame; time per generated frame. For
+students, beside the same student with window 1 (no memory, --baseline): an orbit streamed through
+the KV cache (--stream_frames, by thirds, quarters and frame); with --loops, loops in which the
+source moves on while the target comes back to where it was (agreement between the visits, PSNR
+at both, on the pixels only memory can give back); with --memory, the source turning or sliding
+away while the target stays (pixels only the KV cache still sees). docs/loops.md has the
+definitions. Prints tables, writes runs/eval/eval.json and eval.png (--out).
 
     python eval.py                                     # the shipped student (checkpoints/)
     python eval.py --ckpt runs/teacher/ckpt.pt
     python eval.py --ckpt runs/teacher/ckpt.pt --clips 2 --frames 4 --steps 10   # quick look
+    python eval.py --families static --clips 1 --steps 4 --stream 2 --stream_frames 200 --loops 2 --memory 4
 """
 import json
+import math
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -62,49 +69,131 @@ def stream_batch(n_clips, T, size, traj="orbit"):
     return data.collate(clips, DEPTH_KEYS)
 
 
-def out_and_back(rel, zoom):
-    """A path and its reverse: frames 0..L-1 then L-2..0."""
-    idx = list(range(len(rel))) + list(range(len(rel) - 2, -1, -1))
-    return rel[idx], zoom[idx]
+# -----------------------------------------------------------------------------
+# loops and memory (docs/loops.md). The student remembers only what is in its KV cache: its last
+# cfg.window pairs (source and generated target frames, the current one included) and cfg.sink
+# first ones. Held-out clips of a frozen world (no object moves, so the truth at a revisited pose
+# is the truth of the first visit) in which the source camera moves away from where it started.
+
+LOOPS = ("turn", "slide")       # how the source moves away: yaws right, or trucks right
+AWAY_DEG, AWAY_MOVE = 20.0, 0.3   # ... this far in a loop (the probe: an eighth of it a frame)
+VISIT_DEG = 10.0                # the target's pose at both visits: orbited this far left of the source's first pose
+PROBE_FRAMES = 12               # frames of the memory probe
 
 
-def loop_path(name, L):
-    """Closed target paths for the loop benchmark: 'orbit' (out 30 deg left and back, then out
-    right and back), 'pan' and 'dolly' (out and back). Returns rel, zoom and the (i, j) frame
-    pairs that share a pose (identity excluded: there the target is the source)."""
-    if name == "orbit":
-        (rl, zl), (rr, zr) = out_and_back(*camera.preset_path("orbit_left", L)), out_and_back(*camera.preset_path("orbit_right", L))
-        rel, zoom = torch.cat([rl, rr[1:]]), torch.cat([zl, zr[1:]])
-    else:
-        rel, zoom = out_and_back(*camera.preset_path({"pan": "pan_left", "dolly": "dolly_in"}[name], L))
-    eye = torch.eye(4)
-    pairs = [(i, j) for i in range(len(rel)) for j in range(i + 1, len(rel))
-             if torch.allclose(rel[i], rel[j], atol=1e-6) and not torch.allclose(rel[i], eye, atol=1e-6)]
-    return rel, zoom, pairs
+def away(kind, a):
+    """The source's motion from its first pose, (n, 4, 4) for amounts a (n,): 'turn' yaws right
+    a x AWAY_DEG, 'slide' trucks right a x AWAY_MOVE."""
+    if kind == "turn":
+        return camera.camera_path(yaw=AWAY_DEG * math.pi / 180 * a, n=len(a))[0]
+    if kind == "slide":
+        return camera.camera_path(move=(AWAY_MOVE * a, 0.0, 0.0), n=len(a))[0]
+    raise ValueError(f"unknown loop '{kind}': choose from {', '.join(LOOPS)}")
 
 
-def loop_batch(name, n_clips, L, size):
-    """Held-out loops: frozen scenes and a still source camera, so the truth on the way back is
-    exactly the truth on the way out."""
-    rel, zoom, pairs = loop_path(name, L)
+def visit_pose():
+    return camera.camera_path(orbit=VISIT_DEG * math.pi / 180, n=1)[0][0]
+
+
+def loop_path(kind, L):
+    """A loop of L >= 3 frames in the world frame of the source's first pose: h = max(1, L // 8)
+    frames at the visit pose (the source at its first pose, the target VISIT_DEG orbited left),
+    then the source moves away (away(kind, 0 -> 1)) while the target goes with it, then the
+    target comes back alone, h frames at the visit pose again with the source away. Returns the
+    source's and the target's poses (L, 4, 4) and the pairs (i, L - h + i) of frames at the same
+    target pose: the same truth, other inputs (the source now sees less of it)."""
+    h = max(1, L // 8)
+    m = h + (L - 2 * h) // 2                                          # the peak: the source is away
+    t = torch.arange(L, dtype=torch.float32)
+    smooth = lambda u: 0.5 - 0.5 * torch.cos(math.pi * u.clamp(0, 1))
+    a = smooth((t - (h - 1)) / (m - (h - 1)))                         # 0 during visit 1, 1 from m on
+    b = torch.where(t <= m, a, 1 - smooth((t - m) / (L - h - m)))     # the target: out with it, then back
+    src, tgt = away(kind, a), visit_pose() @ away(kind, b)
+    return src, tgt, [(i, L - h + i) for i in range(h)]
+
+
+def probe_path(kind, n):
+    """The memory probe: the source moves away an eighth of a loop's distance a frame (2.5
+    degrees or 0.0375 units) while the target stays at the visit pose."""
+    return away(kind, torch.arange(n, dtype=torch.float32) / 8), visit_pose().expand(n, 4, 4)
+
+
+def world_batch(src, tgt, n_clips, size, seed0):
+    """Held-out clips of frozen scenes seed0 + j along source and target paths given in the frame
+    of the source's first pose (a random held-out start), with the world poses kept (c2w_src,
+    c2w_tgt) for seen_from."""
     clips = []
     for j in range(n_clips):
-        seed = EVAL_SEED + 500_000 + 1000 * list(LOOPS).index(name) + j
-        g = torch.Generator().manual_seed(seed)
-        src_c2w = render.source_path(1, g).expand(len(rel), 4, 4)
-        clips.append(render.render_clip(seed, len(rel), size, size, rel, zoom, src_c2w=src_c2w, gen=g, frozen=True))
-    return data.collate(clips), pairs
+        g = torch.Generator().manual_seed(seed0 + j)
+        base = render.source_path(1, g)[0]
+        spec = render.clip_spec(seed0 + j, len(src), camera.invert_pose(src) @ tgt, src_c2w=base @ src, gen=g, frozen=True)
+        spec["c2w"] = torch.cat([base @ src, base @ tgt])             # the world poses exactly: a revisit renders the same
+        clips.append(dict(render.render_clips([spec], size, size)[0], c2w_src=base @ src, c2w_tgt=base @ tgt))
+    return data.collate(clips, DEPTH_KEYS + ("c2w_src", "c2w_tgt"))
 
 
-LOOPS = ("orbit", "pan", "dolly")
+def loop_batch(kind, n_clips, L, size):
+    src, tgt, pairs = loop_path(kind, L)
+    return world_batch(src, tgt, n_clips, size, EVAL_SEED + 500_000 + 1000 * LOOPS.index(kind)), pairs
 
 
-def loop_metrics(x, y, pairs):
-    """Loop closure: PSNR between the generated frames at the same pose on the way out (i) and
-    back (j), and PSNR against the truth on the way back; both averaged over pairs and clips."""
+def probe_batch(kind, n_clips, size, n=PROBE_FRAMES):
+    return world_batch(*probe_path(kind, n), n_clips, size, EVAL_SEED + 600_000 + 1000 * LOOPS.index(kind))
+
+
+def seen_from(b, lag):
+    """Target pixels of frame t that the source frame t - lag sees (co-visible, B, T, H, W; none
+    for t < lag), and that source frame warped there with the true depth (the oracle)."""
+    B, T, H, W = b["depth_tgt"].shape
+    mask, warp = torch.zeros(B, T, H, W, dtype=torch.bool), torch.zeros_like(b["tgt"])
+    if lag < T:
+        s, t = slice(0, T - lag), slice(lag, T)
+        rel = camera.invert_pose(b["c2w_src"][:, s]) @ b["c2w_tgt"][:, t]
+        mask[:, t], grid = camera.covisibility(b["depth_src"][:, s], b["depth_tgt"][:, t], rel, b["K_src"][:, s],
+                                               b["K_tgt"][:, t])
+        warp[:, t] = camera.warp_source(b["src"][:, s], grid)
+    return mask, warp
+
+
+def warp_oracle(b, memory):
+    """A model with exact geometry and a memory of `memory` source frames (the current one
+    included): each target pixel is the newest remembered source frame that sees it, warped with
+    the true depth; mid-grey where none does. memory 1: no memory; len(clip): perfect memory."""
+    out = torch.zeros_like(b["tgt"])
+    for lag in reversed(range(min(memory, b["tgt"].shape[1]))):     # the newest wins
+        m, w = seen_from(b, lag)
+        out = torch.where(m[:, :, None], w, out)
+    return out
+
+
+def loop_metrics(x, b, pairs):
+    """A loop's figures for generated targets x: PSNR between the two visits (agree) and against
+    the truth at the first visit and at the revisit, on all pixels and on the memory pixels (seen
+    by the source at the first visit, not at the revisit: only memory brings them back), clip
+    means; mem_share: their share of the revisit's pixels."""
     i, j = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
-    return dict(closure=psnr(x[:, j], x[:, i]).mean().item(), return_psnr=psnr(x[:, j], y[:, j]).mean().item(),
-                out_psnr=psnr(x[:, i], y[:, i]).mean().item())
+    now = seen_from(b, 0)[0]
+    mem = now[:, i] & ~now[:, j]
+    y = b["tgt"]
+    r = dict(agree=psnr(x[:, j], x[:, i]).mean().item(), first=psnr(x[:, i], y[:, i]).mean().item(),
+             revisit=psnr(x[:, j], y[:, j]).mean().item(), mem_share=mem.float().mean().item())
+    for k, (u, v) in dict(agree=(x[:, j], x[:, i]), first=(x[:, i], y[:, i]), revisit=(x[:, j], y[:, j])).items():
+        r[k + "_mem"] = nanmean(psnr(u, v, mem))
+    return r
+
+
+def memory_metrics(x, b, window):
+    """The memory probe's figures: PSNR against the truth on target pixels that the current
+    source does not see but one of the last window - 1 source frames did (recent: only the KV
+    cache has them), and on those the current source sees (now); recent_share: their share."""
+    now = seen_from(b, 0)[0]
+    recent = torch.zeros_like(now)
+    for lag in range(1, window):
+        recent |= seen_from(b, lag)[0]
+    recent &= ~now
+    y = b["tgt"]
+    return dict(recent=nanmean(psnr(x, y, recent)), now=nanmean(psnr(x, y, now)),
+                recent_share=recent.float().mean().item())
 
 # -----------------------------------------------------------------------------
 # metrics on (B, T, 3, H, W) videos in [-1, 1]
@@ -197,6 +286,32 @@ def generate(model, batch, steps, student=False, device="cpu", seed=0):
     return sampler(model, src, cam_src, cam_tgt, steps, generator=gen).cpu()
 
 
+@contextmanager
+def memory(model, window, sink=0):
+    """The student with another window and sinks (chunks) for a while: window 1 remembers nothing
+    but the current pair (the memoryless baseline)."""
+    old = model.cfg.window, model.cfg.sink
+    model.cfg.window, model.cfg.sink = window, sink
+    try:
+        yield model
+    finally:
+        model.cfg.window, model.cfg.sink = old
+
+
+def student_rows(model, b, steps, device, baseline=1, sink=0):
+    """{label: generated targets}: the student with its own window, with window `baseline` (the
+    memoryless baseline; 0: not run) and with its window plus `sink` sink chunks (0: not run)."""
+    w = model.cfg.window
+    rows = {f"student, window {w or 'all'}": generate(model, b, steps, True, device)}
+    if baseline:
+        with memory(model, baseline):
+            rows[f"student, window {baseline}"] = generate(model, b, steps, True, device)
+    if sink:
+        with memory(model, w, sink):
+            rows[f"student, window {w} + {sink} sinks"] = generate(model, b, steps, True, device)
+    return rows
+
+
 GEOMETRY = ("orbit", "pan", "dolly", "truck")   # the families whose co-visible gain is the headline figure
 
 
@@ -238,6 +353,96 @@ def save_sample_video(path, src, gen, tgt, fps=4.0):
     data.write_video(path, frames, fps, upscale=4)
 
 # -----------------------------------------------------------------------------
+# the student's long stream, loops and memory probe, with the memoryless baseline beside it
+
+
+def stream_report(x, b):
+    """A long stream's figures: by thirds (view_metrics), by quarters (co-visible and all-pixel
+    gain over copy, detail) and by frame (PSNR, co-visible PSNR of x, copy and the oracle, detail)."""
+    T = x.shape[1]
+    frames = lambda sl: {k: (v[:, sl] if v.ndim > 2 and v.shape[1] == T else v) for k, v in b.items()}
+    r = {f"third{k + 1}": view_metrics(x[:, sl], frames(sl)) for k, sl in enumerate(torch.arange(T).chunk(3))}
+    r["quarters"] = []
+    for sl in torch.arange(T).chunk(4):
+        v = view_metrics(x[:, sl], frames(sl))
+        r["quarters"].append(dict(covis_gain=v["covis"] - v["covis_copy"], gain=v["psnr"] - v["psnr_copy"],
+                                  detail=detail(x[:, sl], b["tgt"][:, sl]).mean().item(), frames=[int(sl[0]), int(sl[-1])]))
+    per = [view_metrics(x[:, i:i + 1], frames(slice(i, i + 1))) for i in range(T)]
+    r["by_frame"] = {k: [v[k] for v in per] for k in ("psnr", "psnr_copy", "covis", "covis_copy", "covis_oracle")}
+    r["by_frame"]["detail"] = detail(x, b["tgt"], by_frame=True).tolist()
+    return r
+
+
+def run_stream(model, steps, n_clips, T, device, baseline):
+    """The held-out orbit stream of T frames through the KV cache, with the memoryless baseline."""
+    b = stream_batch(n_clips, T, model.cfg.size)
+    rows = {k: stream_report(x, b) for k, x in student_rows(model, b, steps, device, baseline).items()}
+    own, *base = rows.values()
+    print(f"\nlong stream: {T}-frame orbit through the KV cache ({steps} steps, {n_clips} clips), by thirds: "
+          f"PSNR all (copy) | co-visible (copy)")
+    print("  " + " | ".join(f"third{k}: {own[f'third{k}']['psnr']:.2f} ({own[f'third{k}']['psnr_copy']:.2f}) | "
+                           f"{own[f'third{k}']['covis']:.2f} ({own[f'third{k}']['covis_copy']:.2f})" for k in (1, 2, 3)))
+    for name, r in rows.items():
+        print(f"  {name:24s} by quarter, co-visible gain over copy / all-pixel gain / detail: "
+              + " | ".join(f"{q['covis_gain']:+.2f} / {q['gain']:+.2f} / {q['detail']:.2f}" for q in r["quarters"]))
+    step = max(1, T // 24)                                          # a figure a block of frames
+    bf = own["by_frame"]
+    blocks = lambda v, fmt: " ".join(format(nanmean(torch.tensor(v[i:i + step])), fmt) for i in range(0, T, step))
+    for name, key in (("student", "covis"), ("oracle", "covis_oracle")):
+        gains = [v - c if c < 50 else math.nan for v, c in zip(bf[key], bf["covis_copy"])]   # nan: copy exact
+        print(f"  co-visible PSNR minus copy's, {name}, by {step} frame{'s' * (step > 1)}: {blocks(gains, '+.1f')}")
+    print(f"  detail by {step} frame{'s' * (step > 1)}: {blocks(bf['detail'], '.2f')}")
+    return dict(own, window=model.cfg.window, **({"baseline": dict(base[0], window=baseline)} if base else {}))
+
+
+def run_loops(model, steps, n_clips, L, device, baseline, sink):
+    """The loop benchmark (loop_path, loop_metrics): the student, the memoryless baseline, copy
+    and the oracle with and without memory, a loop kind a table."""
+    out = {}
+    for kind in LOOPS:
+        b, pairs = loop_batch(kind, n_clips, L, model.cfg.size)
+        rows = student_rows(model, b, steps, device, baseline, sink)
+        rows.update({"copy the source": b["src"], "oracle, no memory": warp_oracle(b, 1),
+                     "oracle, perfect memory": warp_oracle(b, L)})
+        res = {k: loop_metrics(x, b, pairs) for k, x in rows.items()}
+        share = next(iter(res.values()))["mem_share"]
+        print(f"\nloop '{kind}' ({L} frames, {steps} steps, {n_clips} clips): the source {'turns' if kind == 'turn' else 'slides'}"
+              f" away, the target goes with it and comes back alone; {len(pairs)} revisited frames, memory pixels "
+              f"{100 * share:.0f}%\n{'':26s} {'agree':>6s} {'first':>6s} {'revisit':>7s} | memory pixels: "
+              f"{'agree':>6s} {'first':>6s} {'revisit':>7s} {'lost':>6s}")
+        for k, r in res.items():
+            print(f"{k:26s} {r['agree']:6.2f} {r['first']:6.2f} {r['revisit']:7.2f} |                {r['agree_mem']:6.2f} "
+                  f"{r['first_mem']:6.2f} {r['revisit_mem']:7.2f} {r['first_mem'] - r['revisit_mem']:+6.2f}")
+        out[kind] = dict(frames=L, steps=steps, clips=n_clips, rows=res)
+    print("agree: PSNR between the frames at the same pose on both visits; first / revisit: against the truth "
+          "(the same at both); memory pixels: seen by the source at the first visit, not at the revisit; "
+          "lost = first - revisit there (0 with perfect memory)")
+    return out
+
+
+def run_memory(model, steps, n_clips, device, baseline):
+    """The memory probe (probe_path, memory_metrics): the source turns or slides away, the target
+    stays; the student with its window against the memoryless baseline."""
+    w, out = model.cfg.window, {}
+    print(f"\nmemory probe ({PROBE_FRAMES} frames, {steps} steps, {n_clips} clips): the source turns 2.5 degrees or slides "
+          f"{AWAY_MOVE / 8:.4f} a frame, the target stays; PSNR on target pixels the current source no longer sees "
+          f"but one of the last {w - 1} source frames did (recent), and on those it sees (now)")
+    for kind in LOOPS:
+        b = probe_batch(kind, n_clips, model.cfg.size)
+        rows = student_rows(model, b, steps, device, baseline)
+        rows.update({"copy the source": b["src"], "oracle, no memory": warp_oracle(b, 1),
+                     f"oracle, memory {w}": warp_oracle(b, w)})
+        res = {k: memory_metrics(x, b, w) for k, x in rows.items()}
+        out[kind] = dict(frames=PROBE_FRAMES, steps=steps, clips=n_clips, window=w, rows=res)
+        print(f"  {kind} (recent pixels {100 * next(iter(res.values()))['recent_share']:.1f}%): "
+              + " | ".join(f"{k} {r['recent']:.2f} / {r['now']:.2f}" for k, r in res.items()))
+        if baseline:
+            own, base = list(res.values())[:2]
+            print(f"  {kind}: own window over window {baseline} on the recent pixels: {own['recent'] - base['recent']:+.2f} dB")
+    return out
+
+
+# -----------------------------------------------------------------------------
 
 def parse_steps(text):
     """--steps: a comma-separated list of positive integers."""
@@ -265,18 +470,25 @@ if __name__ == "__main__":
     p.add_argument("--stream", type=int, default=4, help="students: clips of the long orbit stream (0: skip)")
     p.add_argument("--stream_frames", type=int, default=48,
                    help="frames of the long orbit stream (at least 3: reported by thirds)")
-    p.add_argument("--loops", type=int, default=0, help="also run the loop benchmark: clips a loop (0: skip)")
-    p.add_argument("--loop_length", type=int, default=13, help="frames of each outbound half of a loop (at least 3)")
+    p.add_argument("--loops", type=int, default=0,
+                   help="students: also run the loop benchmark (the source moves on, the target comes back): clips a loop (0: skip)")
+    p.add_argument("--loop_length", type=int, default=48, help="frames of a loop (at least 3)")
+    p.add_argument("--memory", type=int, default=0,
+                   help="students: also run the memory probe (the source turns or slides away, the target stays): clips (0: skip)")
+    p.add_argument("--baseline", type=int, default=1,
+                   help="students: beside the stream, loops and probe, the student with this window (1: no memory; 0: skip)")
+    p.add_argument("--sink", type=int, default=0,
+                   help="students: the loops also with this many sink chunks kept (untrained unless the student was; 0: skip)")
     p.add_argument("--device", type=str, default=default_device(), help="cpu, cuda or cuda:N (default: cuda if available)")
     args = p.parse_args()
-    check_args(args, positive=("clips", "frames"), nonneg=("stream", "loops"))
+    check_args(args, positive=("clips", "frames"), nonneg=("stream", "loops", "memory", "baseline", "sink"))
     if not 0.1 <= args.fx <= 10:
         fail(f"--fx is a focal length in image widths, 0.1..10, got {args.fx}")
     steps_list = parse_steps(args.steps) if args.steps is not None else None
     if args.stream and args.stream_frames < 3:
         fail(f"--stream_frames must be at least 3 (the stream is reported by thirds), got {args.stream_frames}")
     if args.loops and args.loop_length < 3:
-        fail(f"--loop_length must be at least 3 (a shorter loop revisits no pose but the identity), got {args.loop_length}")
+        fail(f"--loop_length must be at least 3 (out, away, back), got {args.loop_length}")
     families = args.families.split(",")
     for f in families:
         if f not in FAMILIES:
@@ -342,44 +554,18 @@ if __name__ == "__main__":
         if frames:
             print("detail (fine detail over the truth's; 1 = as sharp, < 1 blur, > 1 grain) by frame, moving families: "
                   + " ".join(f"{v:.2f}" for v in frames))
-    long = {}
+    steps, long, loops, mem = steps_list[-1], {}, {}, {}
     if student and args.stream:
-        steps = steps_list[-1]
-        b = stream_batch(args.stream, args.stream_frames, S)
-        x = generate(model, b, steps, student, args.device)
-        frames = lambda sl: {key: (v[:, sl] if v.ndim > 2 and v.shape[1] == args.stream_frames else v) for key, v in b.items()}
-        for k, sl in enumerate(torch.arange(args.stream_frames).chunk(3)):
-            long[f"third{k + 1}"] = view_metrics(x[:, sl], frames(sl))
-        print(f"\nlong stream: {args.stream_frames}-frame orbit through the KV cache ({steps} steps, {args.stream} clips), "
-              f"by thirds: PSNR all (copy) | co-visible (copy)")
-        print("  " + " | ".join(f"{k}: {r['psnr']:.2f} ({r['psnr_copy']:.2f}) | {r['covis']:.2f} ({r['covis_copy']:.2f})"
-                               for k, r in long.items()))
-        # frame by frame: where along the path the gain is made (the angle grows, then comes back)
-        per = [view_metrics(x[:, i:i + 1], frames(slice(i, i + 1))) for i in range(args.stream_frames)]
-        long["by_frame"] = {k: [r[k] for r in per] for k in ("psnr", "psnr_copy", "covis", "covis_copy", "covis_oracle")}
-        for name, key in (("student", "covis"), ("oracle", "covis_oracle")):
-            print(f"  co-visible PSNR minus copy's by frame, {name:7s}: "
-                  + " ".join("=" if r["covis_copy"] >= 50 else f"{r[key] - r['covis_copy']:+.1f}" for r in per))
-        print("  (=: a frame at the source's pose, where copy is exact)")
-    loops = {}
-    if args.loops:
-        steps = steps_list[-1]
-        print(f"\nloop benchmark ({steps} steps, {args.loops} clips a loop, frozen scenes, still source)\n"
-              f"{'loop':8s} {'frames':>6s} {'closure':>8s} {'return':>7s} {'out':>7s} {'copy':>7s}")
-        for name in LOOPS:
-            b, pairs = loop_batch(name, args.loops, args.loop_length, S)
-            x = generate(model, b, steps, student, args.device)
-            r = loop_metrics(x, b["tgt"], pairs)
-            r["return_copy"] = loop_metrics(b["src"], b["tgt"], pairs)["return_psnr"]
-            loops[name] = dict(frames=b["src"].shape[1], steps=steps, **r)
-            print(f"{name:8s} {loops[name]['frames']:6d} {r['closure']:8.2f} {r['return_psnr']:7.2f} "
-                  f"{r['out_psnr']:7.2f} {r['return_copy']:7.2f}")
-        print("closure: PSNR between generated frames at the same pose out and back; return/out: PSNR vs truth")
+        long = run_stream(model, steps, args.stream, args.stream_frames, args.device, args.baseline)
+    if student and args.loops:
+        loops = run_loops(model, steps, args.loops, args.loop_length, args.device, args.baseline, args.sink)
+    if student and args.memory:
+        mem = run_memory(model, steps, args.memory, args.device, args.baseline)
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, "eval.json")
     with open(out, "w") as f:
         json.dump(dict(ckpt=args.ckpt, step=ckpt.get("step"), clips=args.clips, frames=args.frames,
-                       device=args.device, runs=runs, stream=long, loops=loops), f, indent=1)
+                       device=args.device, runs=runs, stream=long, loops=loops, memory=mem), f, indent=1)
     png = os.path.join(args.out, "eval.png")
     save_strip(png, *[torch.cat(v, 1) for v in zip(*strip)])
     print(f"* mean over the moving families (static: the target is the source, copy is exact)\n"
