@@ -9,11 +9,15 @@ the way out; these sequences are built so that the ground truth does exactly tha
 
 - Palindromic loops: a clip of L synchronized (source, target) frames followed by its reverse,
   source, target and relative poses mirrored together (frames 0..L-1, L-2..0), `laps` times: the
-  last frame equals the first, and frame i equals frame 2L-2-i.
+  last frame equals the first, and frame i equals frame 2L-2-i. The sampler walks a clip out and
+  back in exactly T frames (closed_walk: one step of two frames on the way back when T is even).
 - Camera-cycle loops: the source camera stays; the target moves through k other cameras of the
-  scene and back to the first one (c1, c2, ..., ck, c1), `hold` frames at each, at frozen time
-  (every source frame the same instant) or with time advancing `advance` frames a step up to
-  the middle of the route and running back, so that the last frame is the first one again.
+  scene and back to the first one (c1, c2, ..., ck, c1), `hold` frames at each (the sampler
+  spreads T frames over the stops, one more at the first ones), at frozen time (every source
+  frame the same instant) or with time advancing `advance` frames a step up to the middle of the
+  route and running back, so that the last frame is the first one again.
+The sampler's loops fill their T frames: no frame is appended by holding the last one (the
+source would freeze at the end of the clip, and the loss would train on frozen frames).
 
 A loop sequence is a dict like a training clip: src, tgt (N, 3, H, W), rel (N, 4, 4),
 K_src, K_tgt (N, 4), key (N,) (equal keys: the same target camera and instant), plus `pairs`:
@@ -47,13 +51,40 @@ def palindrome(clip, laps=1):
     return select(dict(clip, key=torch.arange(L)), idx)
 
 
+def closed_walk(T, N):
+    """T >= 3 frame indices of a clip of N >= 2 frames that go out and back from 0 to 0 in as few
+    laps as fit, consecutive indices one apart but for one step of two in a lap of an odd number
+    of steps (single steps alone cannot close one), so that no frame repeats the one before.
+    (N = 2 and T even: the last 0 is held, the only way there.)"""
+    S, idx = T - 1, [0]
+    laps = -(-S // (2 * (N - 1)))
+    for k in range(laps):
+        s = S // laps + (k < S % laps)                                  # steps of this lap
+        up = (s + 1) // 2
+        down = list(range(up - 1, -1, -1))
+        if s == 1:                                                      # N = 2: no step of two fits
+            idx.append(0)
+            continue
+        if s % 2:
+            down.remove(up - 1)                                         # the step of two, at the top
+        idx += list(range(1, up + 1)) + down
+    return idx
+
+
+def spread(T, stops):
+    """Frames at each of `stops` stops so that they add up to T: T // stops, one more at the first
+    T % stops."""
+    return [T // stops + (i < T % stops) for i in range(stops)]
+
+
 def camera_cycle(scene, src_cam, cams, f0, hold=1, advance=0, laps=1):
     """Target visits cams[0], ..., cams[-1] and returns to cams[0]; the source camera src_cam
-    stays. scene: load_scene() dict. Frame time: frozen at f0 (advance 0), or advancing
+    stays. scene: load_scene() dict. hold: frames at each stop (an int, or a list, one a stop). Frame time: frozen at f0 (advance 0), or advancing
     `advance` frames a step up to the middle of the route and running back, so the last frame
     shows cams[0] at the first frame's instant: the loop closes in pose and in time."""
     route = [c for _ in range(laps) for c in cams] + [cams[0]]
-    tcam = torch.tensor([c for c in route for _ in range(hold)])
+    holds = [hold] * len(route) if isinstance(hold, int) else hold    # a list: frames at each stop
+    tcam = torch.tensor([c for c, h in zip(route, holds) for _ in range(h)])
     n, T = len(tcam), scene["frames"].shape[1]
     s = torch.arange(n)
     f = (f0 + advance * torch.minimum(s, n - 1 - s)).clamp(max=T - 1)   # time: up, then back
@@ -80,23 +111,20 @@ class LoopSampler:
         kind = kind if C >= 3 else "palindrome"                            # a cycle needs 2 other cameras
         a = int(torch.randint(C, (1,), generator=g))
         if kind == "palindrome":
-            L = min((T + 1) // 2, N)                                       # 2L - 1 frames: T or T - 1
+            L = min(T // 2 + 1, N)                                         # one lap out and back if the clip is long enough
             b = int(torch.randint(C, (1,), generator=g))
             f0 = int(torch.randint(0, N - L + 1, (1,), generator=g))
             sl = slice(f0, f0 + L)
             clip = dict(src=sc["frames"][a, sl], tgt=sc["frames"][b, sl], rel=camera.relative_pose(sc["c2w"][a, sl], sc["c2w"][b, sl]),
-                        K_src=sc["K"][a].expand(L, 4), K_tgt=sc["K"][b].expand(L, 4))
-            seq = palindrome(clip)
-        else:
-            others = [c for c in torch.randperm(C, generator=g).tolist() if c != a]
-            k = min(len(others), T - 1)                                   # the route: k + 1 stops <= T
-            hold = max(1, T // (k + 1))
-            advance = int(torch.randint(0, 2, (1,), generator=g))              # frozen or advancing
-            peak = advance * ((k + 1) * hold - 1) // 2                         # frames time runs ahead
-            f0 = int(torch.randint(0, max(1, N - peak), (1,), generator=g))
-            seq = camera_cycle(sc, a, others[:k], f0, hold=hold, advance=advance)
-        n = seq["src"].shape[0]
-        return select(seq, [min(i, n - 1) for i in range(T)])             # pad by holding the last frame
+                        K_src=sc["K"][a].expand(L, 4), K_tgt=sc["K"][b].expand(L, 4), key=torch.arange(L))
+            return select(clip, closed_walk(T, L))                        # exactly T frames, none held
+        others = [c for c in torch.randperm(C, generator=g).tolist() if c != a]
+        k = min(len(others), T - 1)                                       # the route: k + 1 stops <= T
+        advance = int(torch.randint(0, 2, (1,), generator=g))              # frozen or advancing
+        peak = (T - 1) // 2                                                # frames time runs ahead
+        advance = advance if peak < N else 0                               # a scene too short: never clamp time
+        f0 = int(torch.randint(0, max(1, N - advance * peak), (1,), generator=g))
+        return camera_cycle(sc, a, others[:k], f0, hold=spread(T, k + 1), advance=advance)   # exactly T frames
 
     def batch(self, step, pairs, max_pairs, seed=0, rank=0):
         g = data.rng(seed, step, rank, 2)    # tag 2: loops
