@@ -408,10 +408,10 @@ def run_loops(model, steps, n_clips, L, device, baseline, sink):
         share = next(iter(res.values()))["mem_share"]
         print(f"\nloop '{kind}' ({L} frames, {steps} steps, {n_clips} clips): the source {'turns' if kind == 'turn' else 'slides'}"
               f" away, the target goes with it and comes back alone; {len(pairs)} revisited frames, memory pixels "
-              f"{100 * share:.0f}%\n{'':26s} {'agree':>6s} {'first':>6s} {'revisit':>7s} | memory pixels: "
+              f"{100 * share:.0f}%\n{'':29s} {'agree':>6s} {'first':>6s} {'revisit':>7s} | memory pixels: "
               f"{'agree':>6s} {'first':>6s} {'revisit':>7s} {'lost':>6s}")
         for k, r in res.items():
-            print(f"{k:26s} {r['agree']:6.2f} {r['first']:6.2f} {r['revisit']:7.2f} |                {r['agree_mem']:6.2f} "
+            print(f"{k:29s} {r['agree']:6.2f} {r['first']:6.2f} {r['revisit']:7.2f} |                {r['agree_mem']:6.2f} "
                   f"{r['first_mem']:6.2f} {r['revisit_mem']:7.2f} {r['first_mem'] - r['revisit_mem']:+6.2f}")
         out[kind] = dict(frames=L, steps=steps, clips=n_clips, rows=res)
     print("agree: PSNR between the frames at the same pose on both visits; first / revisit: against the truth "
