@@ -1,6 +1,7 @@
 """Distillation: DMD on a toy with a closed-form score, gradient truncation in Self-Forcing
 rollouts, the cached few-step sampler against full masked forwards, distill.py end to end."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -473,3 +474,24 @@ def test_time_boxed_distillation(script, tmp_path):
     s2 = json.load(open(os.path.join(out, "summary.json")))["stages"]
     assert s2["causal"]["steps_this_run"] == 0 and s2["selfforcing"]["steps_this_run"] == 0
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == d["steps"]
+
+
+def test_probe_dmd_end_to_end(script, tmp_path):
+    """probe_dmd.py on a tiny student with a critic (one DMD step of distill.py): a row a family,
+    timestep and guidance; the student's sample is the same at every t (noised afterwards), the
+    teacher's and the critic's x0 differ with t; the critic (trained one step off the teacher)
+    gives a DMD direction."""
+    teacher, init, tpath, spath = sf_start(tmp_path)
+    out = tmp_path / "s"
+    script("distill.py", "--stage", "selfforcing", "--teacher", tpath, "--init", spath, "--out", out, "--selfforcing_steps", 1,
+           "--critic_steps", 1, "--dmd", 1, "--pairs", 2, "--max_pairs", 2, "--eval_every", 0)
+    js = tmp_path / "probe.json"
+    script("probe_dmd.py", "--student", out / "selfforcing.pt", "--teacher", tpath, "--clips", 1, "--frames", 2,
+           "--t", "0.2,0.8", "--guidance", "1,2", "--out", js)
+    rows = json.load(open(js))
+    assert len(rows) == 4 * 2 * 2 and {"real", "fake", "dmd_cos", "real_vs_truth_cos"} <= set(rows[0])
+    for fam in {r["family"] for r in rows}:
+        mine = [r for r in rows if r["family"] == fam]
+        assert len({round(r["student"], 6) for r in mine}) == 1
+        assert len({round(r["real"], 6) for r in mine}) == 4          # t and guidance each change the teacher's x0
+    assert all(math.isfinite(r["dmd_cos"]) and -1 <= r["dmd_cos"] <= 1 for r in rows)
