@@ -28,6 +28,7 @@ import math
 import os
 import queue
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -439,28 +440,59 @@ def load_student(args):
 # the run: every generated frame to the mp4, the latency log and the page
 
 
+class FrameLog:
+    """The log's per-frame lists, spooled to an unnamed temporary file a line a frame so that memory
+    stays flat however long the stream (in memory: 1 KB a frame, 9 MB at frame 10,000); dump()
+    writes them out as the lists of stream_latency.json."""
+    KEYS = ("latency_ms", "poses", "zoom", "t", "viewers", "delay_ms")
+
+    def __init__(self):
+        self.file, self.n, self.recent = tempfile.TemporaryFile("w+"), 0, deque(maxlen=17)
+
+    def add(self, **row):
+        self.file.write(json.dumps([row.get(k) for k in self.KEYS]) + "\n")
+        self.n += 1
+        self.recent.append(row["t"])
+
+    def column(self, key):
+        """The values of one key, frame by frame (read back from the file)."""
+        i = self.KEYS.index(key)
+        self.file.seek(0)
+        for line in self.file:
+            v = json.loads(line)[i]
+            if v is not None:
+                yield v
+
+    def dump(self, path, head):
+        """stream_latency.json: the dict head, then each key's list, written a value at a time."""
+        with open(path, "w") as f:
+            f.write(json.dumps(head)[:-1])
+            for k in self.KEYS:
+                f.write(f', "{k}": [')
+                for j, v in enumerate(self.column(k)):
+                    f.write((", " if j else "") + json.dumps(v))
+                f.write("]")
+            f.write("}")
+
+
 def record(args, model, frames, controls, steps, info, writer, hub):
     """Stream until the input ends, --frames, q or Ctrl-C; every frame to the writer, the log and
-    the page (hub). Returns (the log's lists, why it stopped, the damage if the input broke, the
+    the page (hub). Returns (the log (FrameLog), why it stopped, the damage if the input broke, the
     start time)."""
-    rec = dict(latency_ms=[], poses=[], zoom=[], t=[], viewers=[], delay_ms=[])
+    log = FrameLog()
     limit = args.frames or (None if args.serve or args.video else SYNTH_PERIOD)
     stop, damaged, fx = None, None, 0.5 / math.tan(math.radians(args.fov) / 2)
     t_start = time.perf_counter()
     try:
         for src, out, rel, zoom, dt in stream_frames(model, frames, controls, steps, args.seed, args.device, fx):
             writer.write(data.side_by_side(src[None], out[None])[0])
-            n, now = len(rec["t"]), time.perf_counter()
-            rec["latency_ms"].append(dt * 1000)
-            rec["poses"].append(rel.tolist())
-            rec["zoom"].append(zoom)
-            rec["t"].append(now - t_start)
-            rec["viewers"].append(hub.viewers if hub else 0)
-            if args.realtime:
-                rec["delay_ms"].append((now - info["arrivals"].popleft()) * 1000)
+            n, now = log.n, time.perf_counter()
+            log.add(latency_ms=dt * 1000, poses=rel.tolist(), zoom=zoom, t=now - t_start,
+                    viewers=hub.viewers if hub else 0,
+                    delay_ms=(now - info["arrivals"].popleft()) * 1000 if args.realtime else None)
             if hub:
                 k = min(n, 16)                                      # frames/s over the last 16 frames
-                rate = k / (now - t_start - rec["t"][n - k]) if k else 0.0
+                rate = k / (now - t_start - log.recent[-1 - k]) if k else 0.0
                 hub.publish(n, src, out, dict(fps=rate, latency_ms=dt * 1000, pose=pose_summary(rel, zoom),
                                               offset=dict(controls.offset), traj=controls.traj, cmd=controls.applied,
                                               viewers=hub.viewers))
@@ -473,13 +505,13 @@ def record(args, model, frames, controls, steps, info, writer, hub):
         stop = "interrupted (Ctrl-C): keeping the frames done so far"
     except data.VideoError as e:
         stop, damaged = "the input broke", str(e)
-    return rec, stop, damaged, t_start
+    return log, stop, damaged, t_start
 
 
-def report(args, rec, info, steps, fps, stop, damaged, hub, controls, t_start, mp4):
+def report(args, flog, info, steps, fps, stop, damaged, hub, controls, t_start, mp4):
     """What was read and why it stopped, the latency log (stream_latency.json) and the speed;
     one error line if nothing was generated or the input broke."""
-    n = len(rec["t"])
+    n = flog.n
     if args.video:
         loops = f" (restarted {info['loops']} times)" if info["loops"] else ""
         print(f"read {info['read']} frames of {args.video}{loops}; stopped: {stop}")
@@ -487,19 +519,18 @@ def report(args, rec, info, steps, fps, stop, damaged, hub, controls, t_start, m
         print(f"stopped: {stop}")
     if n == 0:
         fail(f"no frames were generated ({damaged or stop})")
-    lat, wall = torch.tensor(rec["latency_ms"]), time.perf_counter() - t_start
+    lat, wall = torch.tensor(list(flog.column("latency_ms"))), time.perf_counter() - t_start
     log = dict(fps_input=fps, frames=n, frames_read=info["read"], steps=steps, fov=args.fov, stop=stop,
-               damaged=damaged, wall_s=wall, viewer_cpu_s=hub.cpu_s if hub else 0.0, commands=controls.log, **rec)
+               damaged=damaged, wall_s=wall, viewer_cpu_s=hub.cpu_s if hub else 0.0, commands=controls.log)
     if args.realtime:
-        d = torch.tensor(rec["delay_ms"])
+        d = torch.tensor(list(flog.column("delay_ms")))
         late = int((d > 1000 / fps).sum())
         log.update(dropped=info["dropped"], late=late)
         print(f"live input at {fps:.1f} fps: {n} frames generated, {info['dropped']} dropped (they arrived while the "
               f"generator was busy), {late} late (out more than a frame interval after arriving); delay from arrival "
               f"to output mean {d.mean():.1f} ms, p95 {d.quantile(0.95):.1f} ms")
     log_path = os.path.join(args.out, "stream_latency.json")
-    with open(log_path, "w") as f:
-        json.dump(log, f)
+    flog.dump(log_path, log)
     gen_fps = n / (lat.sum().item() / 1000)
     print(f"{n} frames | {gen_fps:.1f} frames/s ({n / wall:.1f} end to end) | latency mean {lat.mean():.1f} ms, "
           f"p95 {lat.quantile(0.95):.1f} ms | real-time factor {gen_fps / fps:.2f}x "
@@ -539,12 +570,12 @@ def main():
     mp4 = os.path.join(args.out, "stream.mp4")
     writer = data.VideoWriter(mp4, fps, upscale=max(1, 128 // S))
     try:
-        rec, stop, damaged, t_start = record(args, model, frames, controls, steps, info, writer, hub)
+        flog, stop, damaged, t_start = record(args, model, frames, controls, steps, info, writer, hub)
     finally:
         writer.close()
         if server:
             serve.stop(server)
-    report(args, rec, info, steps, fps, stop, damaged, hub, controls, t_start, mp4)
+    report(args, flog, info, steps, fps, stop, damaged, hub, controls, t_start, mp4)
 
 
 if __name__ == "__main__":
