@@ -7,7 +7,8 @@ of its commands, beside the mp4 writer and standard input; the stream loop stays
     GET  /events    Server-Sent Events, one JSON message a frame: the source and generated frames
                     (PNG data URLs), the frame index, frames/s, latency, the relative pose, the
                     offsets, the id of the last command applied. Each viewer gets the latest
-                    frame: a slow viewer skips frames, it never holds up the stream.
+                    frame: a slow viewer skips frames, it never holds up the stream. At most
+                    MAX_VIEWERS at once (a thread each): more get 503.
     GET  /state     the latest message without the images, the keys and presets (JSON)
     POST /command   {"key": "a"} | {"move": {"orbit": 2.5, "pitch": -1.0}} | {"preset": "orbit"}
                     -> 200 {"ok": true, "id": N}, or 400 {"error": "..."} (the stream goes on)
@@ -27,7 +28,10 @@ import data
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 MAX_BODY = 4096          # bytes of a command
+MAX_DRAIN = 1 << 20      # a longer body up to this is read and dropped before the 400 (closing on unread bytes
+                         # resets the connection, and the client may lose the reply); a longer one is not read
 STALL_S = 10.0           # seconds a viewer's socket may block a send before its thread gives up
+MAX_VIEWERS = 32         # event streams at once (a thread each); more get 503
 
 
 def png_bytes(rgb):
@@ -91,6 +95,14 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # quiet: the stream prints its own summary
         pass
 
+    def handle(self):
+        """One connection; a client that hangs up or stalls (reset, broken pipe, timeout) ends it
+        quietly instead of a traceback on stderr for each."""
+        try:
+            super().handle()
+        except OSError:
+            self.close_connection = True
+
     def reply(self, code, body, ctype="application/json"):
         body = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(code)
@@ -121,6 +133,8 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             n = -1
         if not 0 < n <= MAX_BODY:
+            while 0 < n <= MAX_DRAIN and self.rfile.read(min(n, 65536)):
+                n -= 65536
             return self.reply(400, {"error": f"a command is a JSON body of 1 to {MAX_BODY} bytes"})
         body = self.rfile.read(n)
         try:
@@ -139,13 +153,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def events(self):
         hub = self.server.hub
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
         with hub.cond:
-            hub.viewers += 1
+            full = hub.viewers >= MAX_VIEWERS
+            hub.viewers += not full
+        if full:
+            return self.reply(503, {"error": f"{MAX_VIEWERS} viewers already: try again later"})
         try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
             index = -1
             while not hub.closed:
                 cpu = time.thread_time()                            # waiting takes none of it
@@ -161,11 +178,16 @@ class Handler(BaseHTTPRequestHandler):
                 hub.viewers -= 1
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128     # the listen backlog (socketserver's 5 overflowed under a burst of connections:
+                                 # the client's SYN was dropped and retried after 1 s)
+
+
 def start(host, port, hub, controls, keys):
     """Listen on host:port (OSError if it can't) and serve on a background thread. keys: stream.KEYS,
     for the page's labels."""
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server = Server((host, port), Handler)
     server.hub, server.controls = hub, controls
     server.keys = {k: list(v) for k, v in keys.items()}
     with open(PAGE, "rb") as f:
