@@ -65,8 +65,9 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=200, help="linear warmup (steps)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (L2 norm)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights (per step)")
-    p.add_argument("--cond_drop", type=float, default=0.0,
-                   help="share of clips trained without their camera (zero rays), for classifier-free guidance, 0..1")
+    p.add_argument("--cond_drop", type=float, default=0.1,
+                   help="share of clips trained without their camera (zero rays), for classifier-free guidance "
+                        "(model.teacher_sample, distill.py --guidance), 0..1")
     # io and runtime
     p.add_argument("--out", type=str, default="runs/teacher", help="output folder (ckpt.pt, log.txt, evals.jsonl, samples, summary.json)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (its network and steps)")
