@@ -292,7 +292,12 @@ class MultiViewDataset:
     the pose of the target is expressed relative to the source camera frame by frame. Scenes are decoded once and kept in memory."""
 
     def __init__(self, root, size):
-        self.scenes = [load_scene(d, size) for d in list_scenes(root)]
+        from concurrent.futures import ThreadPoolExecutor
+        from tqdm import tqdm
+        dirs = list_scenes(root)
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:   # PyAV decodes without the GIL
+            self.scenes = list(tqdm(pool.map(lambda d: load_scene(d, size), dirs), total=len(dirs), unit="scene",
+                                    desc=f"loading {root}", leave=False, disable=None))
 
     def clip(self, g, T):
         sc = self.scenes[int(torch.randint(len(self.scenes), (1,), generator=g))]

@@ -88,7 +88,7 @@ CASES = [
     ("distill.py", "--teacher {d}/teacher.pt --steps 0", "--steps must be at least 1"),
     ("distill.py", "--teacher {d}/teacher.pt --window -1", "--window must be non-negative"),
     ("distill.py", "--teacher {d}/teacher.pt --minutes -1", "--minutes must be positive"),
-    ("distill.py", "--teacher {d}/teacher.pt --recon 0", "--dmd and --recon are loss weights"),
+    ("distill.py", "--teacher {d}/teacher.pt --recon 0 --dmd 0", "--dmd and --recon are loss weights"),
     ("distill.py", "--teacher {d}/teacher.pt --recon -1", "--dmd and --recon are loss weights"),
     ("distill.py", "--teacher {d}/teacher.pt --warp_lr 0", "--lr, --lr_critic and --warp_lr must be positive"),
     ("distill.py", "--teacher {d}/teacher.pt --stage dmd", "argument --stage: invalid choice: 'dmd'"),
@@ -164,7 +164,7 @@ sys.argv = [sys.argv[1]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
-SCRIPTS = OWN + ("gpu_run.py", "stream.py")
+SCRIPTS = OWN + ("gpu_run.py", "stream.py", "probe_dmd.py")
 MOST_FLAGS = {"teacher.py": 25, "distill.py": 25}
 
 
