@@ -1,5 +1,5 @@
 """
-The live server under load, and a long soak (issue 25): stream.py run as a user runs it, watched from
+The live server under load, and a long soak: stream.py run as a user runs it, watched from
 outside (its /state, /proc/PID for memory, threads and CPU time), then its mp4 and log checked.
 
     python loadtest.py                       # --serve under load (the shipped student) -> runs/load/load.json
@@ -13,7 +13,6 @@ hang up before the reply), each against the status it must get; a quiet phase ag
 command ('q', or --frames). Soak: `stream.py --serve --frames N` with a command a second that keeps
 the camera moving. Both print their figures, write them as JSON (--out) and exit 1 if a check fails.
 """
-import argparse
 import http.client
 import json
 import math
@@ -25,6 +24,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from common import ArgumentParser
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 KEYS = "adjlikwstgzxr"                        # every key but q
@@ -530,7 +531,7 @@ def print_soak(res):
 
 
 def main():
-    p = argparse.ArgumentParser(description="stream.py --serve under load, or a long soak (issue 25).")
+    p = ArgumentParser(description="stream.py --serve under load, or a long soak of the student.")
     p.add_argument("--soak", type=int, default=0, help="soak: stream this many frames instead of the load test")
     p.add_argument("--ckpt", type=str, default="", help="student checkpoint (default: the shipped one)")
     p.add_argument("--steps", type=int, default=0, help="denoising steps (default: as trained)")
@@ -552,7 +553,7 @@ def main():
     p.add_argument("--cmd_every", type=float, default=0.5, help="soak: seconds between commands")
     p.add_argument("--soak_window", type=int, default=100, help="soak: frames of each window measured")
     p.add_argument("--every", type=float, default=0.25, help="seconds between samples of the server")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the commands drawn")
     p.add_argument("--out", type=str, default="", help="output folder (default: runs/load or runs/soak)")
     args = p.parse_args()
     args.out = args.out or os.path.join("runs", "soak" if args.soak else "load")

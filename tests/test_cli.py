@@ -164,7 +164,7 @@ sys.argv = [sys.argv[1]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
-SCRIPTS = OWN + ("gpu_run.py", "stream.py", "probe_dmd.py")
+SCRIPTS = OWN + ("gpu_run.py", "stream.py", "probe_dmd.py", "loadtest.py")
 MOST_FLAGS = {"teacher.py": 25, "distill.py": 25}
 
 
