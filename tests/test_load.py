@@ -31,7 +31,7 @@ def test_server_under_load(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "loadtest.py"), "--ckpt", ckpt, "--realtime",
                         "--viewers", "4", "--hang_ups", "2", "--commands", "300", "--rounds", "2", "--senders", "3",
-                        "--warmup", "4", "--quiet_s", "2", "--min_rate", "0.8", "--max_gap_s", "1.0",
+                        "--warmup", "4", "--quiet_s", "2", "--min_rate", "0.5", "--max_gap_s", "2.0",
                         "--rss_growth_mb", "10", "--out", out],
                        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     res = json.load(open(os.path.join(out, "load.json")))
@@ -44,8 +44,9 @@ def test_server_under_load(tmp_path):
     assert res["exit_code"] == 0 and not res["traceback"]
     ph = res["phases"]
     assert list(ph) == ["before", "load 1", "after 1", "load 2", "after 2"]
-    for name in ("load 1", "load 2"):                  # paced at 8 frames/s: the rate holds under load, no stall
-        assert ph[name]["fps"] > 0.8 * ph["before"]["fps"] > 0.8 * 0.8 * 8 and ph[name]["max_gap_s"] < 1.0
+    for name in ("load 1", "load 2"):   # paced at 8 frames/s: the rate holds under load, no stall (a viewer that
+        # blocked the stream would stop it for serve.STALL_S = 10 s); margins for a CI machine's noise
+        assert ph[name]["fps"] > 0.5 * ph["before"]["fps"] > 0.5 * 0.8 * 8 and ph[name]["max_gap_s"] < 2.0
     assert res["viewers"]["frames_min"] > 0 and res["viewers"]["hang_ups"] >= 2 and not res["viewers"]["backwards"]
     assert res["viewers"]["max_seen"] >= 5 and not res["viewers"]["errors"]
     assert res["camera"]["poses_finite"] and res["camera"]["max_translation"] < 10
