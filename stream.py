@@ -347,7 +347,9 @@ def parser():
     p.add_argument("--ckpt", type=str, default=SHIPPED_STUDENT,
                    help="student checkpoint (default: the shipped checkpoints/student_small.pt; "
                         "distill.py writes runs/student/ckpt.pt)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps a chunk (1..trained; default: trained)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps a chunk (1..trained; default: the checkpoint's stream_steps, the fewest that "
+                        "held its quality when it was released, else trained)")
     p.add_argument("--window", type=int, default=None,
                    help="chunks in the rolling KV cache (0 = all; default: as trained)")
     p.add_argument("--frames", type=int, default=None,
@@ -420,7 +422,7 @@ def open_input(args, S):
 
 
 def load_student(args):
-    """-> (model, trained steps), or one error line with the right hint."""
+    """-> (model, trained steps, default steps), or one error line with the right hint."""
     try:
         model, ckpt = load_model(args.ckpt, args.device)
     except FileNotFoundError:
@@ -434,7 +436,8 @@ def load_student(args):
              "by distill.py; leave it out for the shipped student)")
     if "student" not in ckpt:
         fail(f"{args.ckpt} is not a student checkpoint (it is a bidirectional teacher); use distill.py's output")
-    return model, ckpt["student"]["steps"]
+    trained = ckpt["student"]["steps"]
+    return model, trained, min(trained, ckpt["student"].get("stream_steps", trained))
 
 # -----------------------------------------------------------------------------
 # the run: every generated frame to the mp4, the latency log and the page
@@ -551,8 +554,8 @@ def main():
             server = serve.start(args.host, args.port, hub, controls, KEYS)
         except OSError as e:
             fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
-    model, trained = load_student(args)
-    steps = trained if args.steps is None else args.steps
+    model, trained, default = load_student(args)
+    steps = default if args.steps is None else args.steps
     if steps > trained:
         fail(f"--steps must be between 1 and {trained} (the trained number of steps)")
     if args.window is not None:

@@ -82,6 +82,20 @@ def test_stream_end_to_end(script, student, tmp_path):
     assert "read 7 frames" in r.stdout and "the end of the video" in r.stdout and "7 frames |" in r.stdout
 
 
+def test_default_steps_are_the_checkpoints_stream_steps(script, student, tmp_path):
+    """A release records the fewest steps that held its quality (student.stream_steps): stream.py
+    uses them by default, --steps still goes up to the trained number, and a checkpoint without
+    the field streams at its trained steps (test_stream_end_to_end)."""
+    ck = torch.load(student["ckpt"], weights_only=True)
+    ck["student"]["stream_steps"] = 2
+    path = str(tmp_path / "released.pt")
+    torch.save(ck, path)
+    script("stream.py", "--ckpt", path, "--frames", 2, "--out", str(tmp_path / "a"))
+    assert read_log(str(tmp_path / "a"))["steps"] == 2
+    script("stream.py", "--ckpt", path, "--frames", 2, "--steps", 4, "--out", str(tmp_path / "b"))
+    assert read_log(str(tmp_path / "b"))["steps"] == 4
+
+
 def test_runs_from_another_directory(tmp_path):
     """The default (shipped) checkpoint is found from anywhere; outputs go to --out under the working directory."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "stream.py"), "--frames", "2", "--steps", "1"],
