@@ -367,8 +367,9 @@ def run_load(args):
             stall = stall or stalled_viewer(server.port)      # connected in the first round, never reads
             stop = threading.Event()
             vthreads, recs = viewers(server.port, args.viewers, stop, args.hang_ups)
-            n = args.commands // args.rounds + (r < args.commands % args.rounds)
+            n, f0 = args.commands // args.rounds + (r < args.commands % args.rounds), mon.frame()
             cmds.append(send_commands(server, n, args.senders, args.seed + 7919 * r))
+            mon.wait_frame(f0 + 4, timeout=60)      # a rate needs frames: a short burst keeps its viewers on till then
             stop.set()
             [t.join(timeout=60) for t in vthreads]
             vrecs += recs
