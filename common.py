@@ -231,10 +231,25 @@ def nonfinite(*tensors):
 
 
 @torch.no_grad()
-def weights_finite(*modules):
-    """Are all parameters and buffers of these modules finite? Checked before a checkpoint is written."""
-    return all(bool(torch.isfinite(t).all()) for m in modules if m is not None
-               for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point())
+def refuse_nonfinite_weights(what, step, path, *modules):
+    """Before a checkpoint is written: one error line if any parameter or buffer of these modules
+    is NaN or infinite (the last checkpoint written stands)."""
+    if not all(bool(torch.isfinite(t).all()) for m in modules if m is not None
+               for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()):
+        fail(f"{what} diverged: the weights are NaN or infinite at step {step}, so they were not saved; the last "
+             f"checkpoint written, {path}, stands (if any): continue it with --resume, with a lower --lr")
+
+
+def diverged(what, bad, saved, path, master):
+    """A NaN or infinite loss (bad: step, loss, gradient norm): one error line on the master, exit
+    on the others; nothing saved, the checkpoint of step `saved` (None: none yet) stands."""
+    if not master:
+        raise SystemExit(1)
+    step, loss, gnorm = bad
+    kept = (f"{path} (step {saved}) stands: continue it with --resume" if saved is not None else
+            f"no {'' if what == 'training' else what + ' '}checkpoint was written by this run")
+    fail(f"{what} diverged at step {step}: the loss is {loss} (gradient norm {gnorm}); the weights were not saved, "
+         f"{kept} (a lower --lr, or check --data for NaN)")
 
 
 @torch.no_grad()

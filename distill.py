@@ -36,8 +36,8 @@ import torch.nn.functional as F
 import camera
 import data
 from common import (ArgumentParser, StepBar, StopFlag, agree, allreduce, autocast_for, broadcast, check_args, check_device,
-                    check_finite, check_out_dir, default_device, ema_update, fail, hold_out_dir, nonfinite, setup_ddp,
-                    weights_finite)
+                    check_finite, check_out_dir, default_device, diverged, ema_update, fail, hold_out_dir, nonfinite,
+                    refuse_nonfinite_weights, setup_ddp)
 from eval import format_quick, quick_eval, save_sample_video, save_strip
 from loopaug import LoopSampler
 from model import (WARP_PLANES, KVCache, RealCamDiT, add_noise, config_from, encode_target, flow_loss, load_checkpoint,
@@ -350,9 +350,7 @@ def save_stage(path, stage, step, nets, run, train_seconds):
     """Rank 0 writes the stage's checkpoint; under DDP every rank waits for it (the next stage,
     on any rank, starts from this file)."""
     student, ema, opt, critic, opt_c = nets
-    if not weights_finite(student, ema, critic):
-        fail(f"{stage} diverged: the weights are NaN or infinite at step {step}, so they were not saved; the last "
-             f"checkpoint written, {path}, stands (if any): continue it with --resume, with a lower --lr")
+    refuse_nonfinite_weights(stage, step, path, student, ema, critic)
     if run.rank == 0:
         extra = dict(critic=critic.state_dict(), optim_critic=opt_c.state_dict()) if critic is not None else {}
         cuda = run.args.device.startswith("cuda")
@@ -461,7 +459,7 @@ def stage_loop(run, stage, nets, start, max_steps, spent):
         if nan or hit:
             bar.finish(False)
         if nan:
-            diverged(bad, stage, saved, path, master)
+            diverged(stage, bad, saved, path, master)
         if hit:
             if master:
                 print(f"interrupted after {step} steps of {stage}: saving {path} (continue with --resume)")
@@ -491,17 +489,6 @@ def stage_loop(run, stage, nets, start, max_steps, spent):
                 bar.write(msg)
     bar.finish(complete)
     return step, times, used, time_up, last_eval
-
-
-def diverged(bad, stage, saved, path, master):
-    """A NaN or infinite loss (bad: step, loss, gradient norm): one error line, nothing saved."""
-    if not master:
-        raise SystemExit(1)
-    step, loss, gnorm = bad
-    kept = (f"{path} (step {saved}) stands: continue it with --resume" if saved is not None else
-            f"no {stage} checkpoint was written by this run")
-    fail(f"{stage} diverged at step {step}: the loss is {loss} (gradient norm {gnorm}); the weights were not saved, "
-         f"{kept} (a lower --lr, or check --data for NaN)")
 
 
 def run_stage(run, stage):

@@ -29,8 +29,8 @@ import camera
 import data
 from attention import attention_pairs
 from common import (ArgumentParser, StepBar, StopFlag, agree, autocast_for, check_args, check_device, check_finite,
-                    check_out_dir, default_device, ema_update, fail, hold_out_dir, nonfinite, peak_flops, setup_ddp,
-                    weights_finite)
+                    check_out_dir, default_device, diverged, ema_update, fail, hold_out_dir, nonfinite, peak_flops,
+                    refuse_nonfinite_weights, setup_ddp)
 from eval import format_quick, quick_eval, save_sample_video, save_strip
 from model import (PRESETS, RealCamDiT, add_noise, compile_blocks, config_from, encode_target, flops_per_forward,
                    flow_loss, load_checkpoint, null_camera, num_params, sample_t, save_checkpoint)
@@ -229,25 +229,12 @@ def summarize(times, step, wall_s, train_s, best, last_eval, cfg, device_name, p
 
 def save(path, model, ema, optim, step, args, best, train_seconds):
     """The checkpoint, only of finite weights: a run that diverged keeps its last good one."""
-    if not weights_finite(model, ema):
-        fail(f"training diverged: the weights are NaN or infinite at step {step}, so they were not saved; the last "
-             f"checkpoint written, {path}, stands (if any): continue it with --resume, with a lower --lr")
+    refuse_nonfinite_weights("training", step, path, model, ema)
     cuda = args.device.startswith("cuda")
     rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
     save_checkpoint(path, model=model.state_dict(), ema=ema.state_dict(), optim=optim.state_dict(), step=step,
                     config=asdict(model.cfg), args=vars(args), rng=rng, best_gain=best, train_seconds=train_seconds)
     return step
-
-
-def diverged(bad, saved, path, master):
-    """A NaN or infinite loss (bad: step, loss, gradient norm): one error line, nothing saved."""
-    if not master:
-        raise SystemExit(1)
-    step, loss, gnorm = bad
-    kept = (f"{path} (step {saved}) stands: continue it with --resume" if saved is not None else
-            "no checkpoint was written by this run")
-    fail(f"training diverged at step {step}: the loss is {loss} (gradient norm {gnorm}); the weights were not saved, "
-         f"{kept} (a lower --lr, or check --data for NaN)")
 
 
 def train(args, net, model, ema, optim, dataset, start, best, trained_s, ddp, rank, world):
@@ -270,7 +257,7 @@ def train(args, net, model, ema, optim, dataset, start, best, trained_s, ddp, ra
                                   bad is not None)
         if nan:
             bar.finish(False)
-            diverged(bad, saved, ckpt_path, master)
+            diverged("training", bad, saved, ckpt_path, master)
         if hit:
             bar.finish(False)
             if master:
