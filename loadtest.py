@@ -25,17 +25,14 @@ import sys
 import threading
 import time
 
+import camera
+import data
 from common import ArgumentParser
+from stream import KEYS as STREAM_KEYS, MOVE_LIMITS as LIMITS    # LIMITS: what one move may add, per component
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-KEYS = "adjlikwstgzxr"                        # every key but q
-LIMITS = dict(orbit=45.0, yaw=45.0, pitch=45.0, dz=1.0, dy=1.0, zoom=1.0)   # stream.MOVE_LIMITS
+KEYS = "".join(STREAM_KEYS) + "r"                # every key but q
 
-
-def presets():
-    sys.path.insert(0, ROOT)
-    import camera
-    return list(camera.PRESETS), camera.MAX_ZOOM
 
 # -----------------------------------------------------------------------------
 # the server, watched from outside
@@ -248,7 +245,7 @@ def raw_request(port, body, hang_up):
 def send_commands(server, n, senders, seed=0):
     """n commands of every kind from `senders` threads; -> per kind: sent, answered as expected, and
     the unexpected answers (status or connection error)."""
-    preset_names, _ = presets()
+    preset_names = list(camera.PRESETS)
     rng, lock = random.Random(seed), threading.Lock()
     jobs = [rng.choice(command_kinds(random.Random(seed * 100003 + i), preset_names)) for i in range(n)]
     stats, ms = {}, []
@@ -285,7 +282,7 @@ def camera_bounds(samples, poses, zoom):
     """The camera state stays bounded: every sampled offset within stream.py's limits, every logged
     pose finite with its translation under 10 scene units, every focal scale within [1/(1.5 M), 1.5 M]
     (M = camera.MAX_ZOOM; 1.5: the zoom presets). -> figures and the list of violations."""
-    _, max_zoom = presets()
+    max_zoom = camera.MAX_ZOOM
     bad, worst = [], dict(orbit=0.0, yaw=0.0, pitch=0.0, dz=0.0, dy=0.0, zoom=0.0)
     lim = dict(orbit=180.0, yaw=180.0, pitch=90.0, dz=2.0, dy=2.0, zoom=math.log(max_zoom))
     for s in samples:
@@ -307,8 +304,6 @@ def camera_bounds(samples, poses, zoom):
 
 def outputs(out, want_frames):
     """The mp4 and the log: frame counts (log, mp4, wanted), stop reason. -> (figures, log, problems)."""
-    sys.path.insert(0, ROOT)
-    import data
     bad, log = [], json.load(open(os.path.join(out, "stream_latency.json")))
     mp4 = sum(1 for _ in data.read_video(os.path.join(out, "stream.mp4")))
     lens = {k: len(log[k]) for k in ("latency_ms", "poses", "zoom", "t", "viewers")}
@@ -445,7 +440,7 @@ def load_problems(res, args):
 def keep_moving(server, every, stop):
     """A command every `every` seconds that keeps the camera moving: orbit round and round (it wraps),
     pan, dolly, zoom and tilt to and fro, and every 30th command a preset played from that frame."""
-    preset_names, _ = presets()
+    preset_names = list(camera.PRESETS)
     keys, i = "aaaaaajjjlllwwsszzxxiikkdd", 0
     while not stop.is_set() and server.proc.poll() is None:
         body = {"preset": preset_names[(i // 30) % len(preset_names)]} if i % 30 == 29 else {"key": keys[i % len(keys)]}
