@@ -174,11 +174,9 @@ def loop_metrics(x, b, pairs):
     i, j = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
     now = seen_from(b, 0)[0]
     mem = now[:, i] & ~now[:, j]
-    y = b["tgt"]
-    r = dict(agree=psnr(x[:, j], x[:, i]).mean().item(), first=psnr(x[:, i], y[:, i]).mean().item(),
-             revisit=psnr(x[:, j], y[:, j]).mean().item(), mem_share=mem.float().mean().item())
+    y, r = b["tgt"], dict(mem_share=mem.float().mean().item())
     for k, (u, v) in dict(agree=(x[:, j], x[:, i]), first=(x[:, i], y[:, i]), revisit=(x[:, j], y[:, j])).items():
-        r[k + "_mem"] = nanmean(psnr(u, v, mem))
+        r[k], r[k + "_mem"] = psnr(u, v).mean().item(), nanmean(psnr(u, v, mem))
     return r
 
 
