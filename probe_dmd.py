@@ -12,12 +12,11 @@ import json
 
 import torch
 
-from common import ArgumentParser, fail
+import camera
+from common import ArgumentParser
 from distill import real_score
 from eval import GEOMETRY, VAL_SEED, detail, heldout_batch, nanmean, psnr, rays
-from model import RealCamDiT, add_noise, config_from, decode_target, encode_target, load_checkpoint, load_model
-from model import student_sample
-import camera
+from model import RealCamDiT, add_noise, decode_target, encode_target, load_model, student_sample
 
 
 def parse_args():
@@ -70,7 +69,7 @@ def main():
     teacher, _ = load_model(args.teacher)
     critic = None
     if "critic" in ck:
-        critic = RealCamDiT(config_from(load_checkpoint(args.teacher)["config"])).eval()
+        critic = RealCamDiT(teacher.cfg).eval()                       # the critic is a copy of the teacher
         critic.load_state_dict({k: v.float() for k, v in ck["critic"].items()})
     gen = torch.Generator().manual_seed(0)
     rows = [r for fam in GEOMETRY for r in probe(student, teacher, critic, fam, args, gen)]
