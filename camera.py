@@ -144,6 +144,21 @@ def warp_source(src, grid):
     return out.view(lead + out.shape[1:])
 
 
+def source_intrinsics(cam_src):
+    """The intrinsics (fx, fy, cx, cy) (B, F, 4), in image widths and heights, of source frames,
+    read from their own Plucker maps cam_src (B, F, 6, H, W): the source sits at the identity
+    (camera.pair_rays), so a pixel's direction is K^-1 (its centre, 1) normalized, and d_x / d_z
+    = (u - cx) / fx is a line in the pixel's column u = (j + 1/2) / W; its slope and offset give
+    fx and cx (likewise rows). Exact for any pinhole camera, so every caller that builds the
+    source's rays (a --fov, a dataset's K) hands the warp head its intrinsics."""
+    d = cam_src[:, :, 3:]
+    H, W = d.shape[-2:]
+    rx, ry = (d[:, :, 0] / d[:, :, 2]).mean(-2), (d[:, :, 1] / d[:, :, 2]).mean(-1)   # (B, F, W), (B, F, H)
+    fx = ((W - 1) / W) / (rx[..., -1] - rx[..., 0])
+    fy = ((H - 1) / H) / (ry[..., -1] - ry[..., 0])
+    return torch.stack([fx, fy, 0.5 / W - fx * rx[..., 0], 0.5 / H - fy * ry[..., 0]], -1)
+
+
 def pair_rays(rel, K_src, K_tgt, H, W):
     """Camera maps for interleaved pairs: source at identity (its intrinsics), target at rel.
     rel (B, T, 4, 4), K_* (B, T, 4) -> cam_src, cam_tgt, each (B, T, 6, H, W)."""

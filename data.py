@@ -128,6 +128,49 @@ def video_fps(path):
         raise VideoError(f"cannot read video {path}: {type(e).__name__}: {e}") from None
 
 
+def probe_video(path):
+    """(frame rate, frames its header declares or 0, whether that count is exact) of a video file: a
+    header with no frame count but a duration (Matroska) gives the frames that duration holds at that
+    rate, about.
+    VideoError for a missing or unreadable file, and for an image (one picture is not a video)."""
+    import av
+    fps = video_fps(path)
+    try:
+        with av.open(path) as c:
+            fmt, declared = c.format.name, c.streams.video[0].frames
+            exact = bool(declared)
+            if not declared and c.duration and len(c.streams) == 1 and fmt != "image2" and not fmt.endswith("_pipe"):
+                declared = round(c.duration / 1e6 * fps)   # the video's duration (Matroska, WebM; no audio track)
+    except Exception as e:
+        raise VideoError(f"cannot read video {path}: {type(e).__name__}: {e}") from None
+    if fmt == "image2" or fmt.endswith("_pipe"):
+        raise VideoError(f"{path} is an image ({fmt.replace('_pipe', '')}), not a video: stream.py needs a "
+                         "video (to stream a still scene, make a video of it, e.g. with ffmpeg -loop 1)")
+    return fps, declared, exact
+
+
+def video_source(path, size, info, loop=False):
+    """The frames of a video, one at a time (from the start again at its end if loop). info['read']
+    counts them; a file that ends before the frames its header declares (info['declared'], exact or
+    from its duration) is damaged: VideoError, as for a file that breaks mid-stream."""
+    while True:
+        n = 0
+        for frame in read_video(path, size):
+            n += 1
+            info["read"] += 1
+            yield frame
+        want = info["declared"]
+        if info["exact"] and n < want:
+            raise VideoError(f"{path} ended after {n} of the {want} frames its header declares: "
+                             "the file is truncated or damaged")
+        if not info["exact"] and n < want - max(2, want // 20):      # a duration: a few frames of slack
+            raise VideoError(f"{path} ended after {n} of the about {want} frames its header's duration holds: "
+                             "the file is truncated or damaged")
+        if not loop:
+            return
+        info["loops"] += 1
+
+
 def to_model_frame(frame, size=None):
     """uint8 (H, W), (H, W, 1|3|4) -> float (3, size, size) in [-1, 1], centre crop + area resize."""
     x = torch.as_tensor(np.asarray(frame))

@@ -39,7 +39,7 @@ from common import (ArgumentParser, StepBar, StopFlag, agree, allreduce, autocas
                     check_finite, check_out_dir, default_device, diverged, ema_update, fail, hold_out_dir, nonfinite,
                     refuse_nonfinite_weights, setup_ddp)
 from eval import format_quick, quick_eval, save_sample_video, save_strip
-from loopaug import LoopSampler
+from loopaug import LoopSampler, away_batch
 from model import (WARP_PLANES, KVCache, RealCamDiT, add_noise, config_from, encode_target, flow_loss, load_checkpoint,
                    null_camera, sample_t, save_checkpoint, shift_t, student_chunk)
 
@@ -224,6 +224,9 @@ def parse_args():
     p.add_argument("--loopaug", type=float, default=None,
                    help="share of the selfforcing stage's rollouts drawn from LoopAug loops, 0..1, which needs --data "
                         "(default: 0.5 with --data, the shipped student's; 0 without)")
+    p.add_argument("--away", type=float, default=0.0,
+                   help="share of the selfforcing stage's rollouts drawn from memory clips (loopaug.away_clip: the "
+                        "source moves away, the target stays, rendered), 0..1 - --loopaug")
     p.add_argument("--pairs", type=int, default=None, help="pairs a batch per process (default: 8 CPU, 32 CUDA)")
     p.add_argument("--max_pairs", type=int, default=None,
                    help="clip / rollout lengths drawn from 1..max_pairs (default: 6 causal, 12 selfforcing: rollouts "
@@ -254,13 +257,15 @@ def parse_args():
     args = p.parse_args()
     check_args(args, positive=("chunk", "steps", "pairs", "max_pairs", "causal_steps", "selfforcing_steps", "critic_steps"),
                nonneg=("window", "eval_every"))
-    check_finite(args, ("dmd", "recon", "guidance", "lr", "lr_critic", "warp_lr", "minutes", "loopaug"))
+    check_finite(args, ("dmd", "recon", "guidance", "lr", "lr_critic", "warp_lr", "minutes", "loopaug", "away"))
     if args.dmd < 0 or args.recon < 0 or args.dmd == args.recon == 0:
         fail(f"--dmd and --recon are loss weights, >= 0 and not both 0, got {args.dmd} and {args.recon}")
     if args.loopaug is None:
         args.loopaug = 0.5 if args.data else 0.0
     if not 0 <= args.loopaug <= 1:
         fail(f"--loopaug is a share of the rollouts, 0..1, got {args.loopaug}")
+    if not 0 <= args.away <= 1 - args.loopaug:
+        fail(f"--away is a share of the rollouts, 0..1 - --loopaug ({1 - args.loopaug:g}), got {args.away}")
     if args.minutes is not None and not args.minutes > 0:
         fail(f"--minutes must be positive, got {args.minutes}")
     if not (args.lr > 0 and args.lr_critic > 0 and args.warp_lr > 0):
@@ -398,12 +403,14 @@ class Run:
 
     def batch(self, step, stage):
         """The step's batch on the device: (src, tgt, cam_src, cam_tgt). The selfforcing stage draws
-        a share --loopaug of its batches from LoopAug loops."""
+        a share --loopaug of its batches from LoopAug loops and a share --away from memory clips."""
         args, S = self.args, self.scfg.size
         u = torch.rand(1, generator=data.rng(args.seed, step, 3)).item()     # tag 3: loop or not
         mp = args.max_pairs or MAX_PAIRS[stage]
         if self.loops and stage == "selfforcing" and u < args.loopaug:
             b = self.loops.batch(step, args.pairs, mp, args.seed, self.rank)
+        elif stage == "selfforcing" and u < args.loopaug + args.away:
+            b = away_batch(step, args.pairs, mp, S, args.seed, self.rank, args.device)
         elif self.dataset:
             b = self.dataset.batch(step, args.pairs, mp, args.seed, self.rank)
         else:

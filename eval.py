@@ -477,9 +477,12 @@ if __name__ == "__main__":
                    help="students: beside the stream, loops and probe, the student with this window (1: no memory; 0: skip)")
     p.add_argument("--sink", type=int, default=0,
                    help="students: the loops also with this many sink chunks kept (untrained unless the student was; 0: skip)")
+    p.add_argument("--real", type=str, default=None,
+                   help="students: also the real-footage benchmark on the videos of this folder (real.py --fetch DIR)")
+    p.add_argument("--real_size", type=int, default=128, help="--real: the output's side above the model's (hires.py)")
     p.add_argument("--device", type=str, default=default_device(), help="cpu, cuda or cuda:N (default: cuda if available)")
     args = p.parse_args()
-    check_args(args, positive=("clips", "frames"), nonneg=("stream", "loops", "memory", "baseline", "sink"))
+    check_args(args, positive=("clips", "frames", "real_size"), nonneg=("stream", "loops", "memory", "baseline", "sink"))
     if not 0.1 <= args.fx <= 10:
         fail(f"--fx is a focal length in image widths, 0.1..10, got {args.fx}")
     steps_list = parse_steps(args.steps) if args.steps is not None else None
@@ -552,18 +555,21 @@ if __name__ == "__main__":
         if frames:
             print("detail (fine detail over the truth's; 1 = as sharp, < 1 blur, > 1 grain) by frame, moving families: "
                   + " ".join(f"{v:.2f}" for v in frames))
-    steps, long, loops, mem = steps_list[-1], {}, {}, {}
+    steps, long, loops, mem, footage = steps_list[-1], {}, {}, {}, {}
     if student and args.stream:
         long = run_stream(model, steps, args.stream, args.stream_frames, args.device, args.baseline)
     if student and args.loops:
         loops = run_loops(model, steps, args.loops, args.loop_length, args.device, args.baseline, args.sink)
     if student and args.memory:
         mem = run_memory(model, steps, args.memory, args.device, args.baseline)
+    if student and args.real:
+        import real                                        # real.py uses eval.py's metrics
+        footage = real.run(model, steps, args.real, args.real_size, args.out, args.device)
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, "eval.json")
     with open(out, "w") as f:
         json.dump(dict(ckpt=args.ckpt, step=ckpt.get("step"), clips=args.clips, frames=args.frames,
-                       device=args.device, runs=runs, stream=long, loops=loops, memory=mem), f, indent=1)
+                       device=args.device, runs=runs, stream=long, loops=loops, memory=mem, real=footage), f, indent=1)
     png = os.path.join(args.out, "eval.png")
     save_strip(png, *[torch.cat(v, 1) for v in zip(*strip)])
     print(f"* mean over the moving families (static: the target is the source, copy is exact)\n"

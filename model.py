@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from attention import KVCache, apply_rope, attend, const, full_plan, ints, rope_freqs
+from camera import source_intrinsics  # noqa: F401 (the warp head's intrinsics, model.source_intrinsics to callers)
 
 # The warp head's planes, inverse depths: the synthetic scenes' inverse depths are 0 (sky) to
 # about 2.3 (the subject at 1), some ground closer
@@ -180,21 +181,6 @@ def plane_uv(cam, planes):
     return u, v
 
 
-def source_intrinsics(cam_src):
-    """The intrinsics (fx, fy, cx, cy) (B, F, 4), in image widths and heights, of source frames,
-    read from their own Plucker maps cam_src (B, F, 6, H, W): the source sits at the identity
-    (camera.pair_rays), so a pixel's direction is K^-1 (its centre, 1) normalized, and d_x / d_z
-    = (u - cx) / fx is a line in the pixel's column u = (j + 1/2) / W; its slope and offset give
-    fx and cx (likewise rows). Exact for any pinhole camera, so every caller that builds the
-    source's rays (a --fov, a dataset's K) hands the warp head its intrinsics."""
-    d = cam_src[:, :, 3:]
-    H, W = d.shape[-2:]
-    rx, ry = (d[:, :, 0] / d[:, :, 2]).mean(-2), (d[:, :, 1] / d[:, :, 2]).mean(-1)   # (B, F, W), (B, F, H)
-    fx = ((W - 1) / W) / (rx[..., -1] - rx[..., 0])
-    fy = ((H - 1) / H) / (ry[..., -1] - ry[..., 0])
-    return torch.stack([fx, fy, 0.5 / W - fx * rx[..., 0], 0.5 / H - fy * ry[..., 0]], -1)
-
-
 def plane_positions(cam, cfg):
     """Camera RoPE: where each token's patch lands in the SOURCE image when its rays are cut by
     fronto-parallel planes z = 1 / rho of the source camera (one plane a head, cfg.cam_rope).
@@ -213,6 +199,32 @@ def plane_positions(cam, cfg):
     col, row = g * (pool(u) + 0.5) - 0.5, g * (pool(v) + 0.5) - 0.5
     head = const(("heads", cfg.heads, P, str(dev)), lambda: torch.arange(cfg.heads, device=dev) % P)
     return row[:, head], col[:, head]                                            # (B, heads, F * L)
+
+
+def warp_term(o, cam, k_src, planes):
+    """The warp head's term (B, F, 3, H, W) from its outputs o (BF, K + 1, H, W), K plane logits
+    and a gate a pixel, for targets of conditioning cam (B, F, 3 + 6, H, W), at any resolution
+    (hires.py renders at the output's): gate * (sum_k w_k src(x_k) - src(x)), where x_k is
+    where the pixel's ray meets plane k (inverse depth cfg.warp[k]) seen from the source, w =
+    softmax of the pixel's plane logits, src the frame's source pixels (cam's first 3
+    channels, zeros for source frames). x_k is projected with the source's intrinsics k_src
+    (B, F, 4): (fx, fy, cx, cy), source_intrinsics; the target's own intrinsics are in its
+    rays. The network only has to say which depth a pixel is at; the camera moves it there
+    exactly, to a fraction of a pixel, which 4x4-pixel tokens cannot (DESIGN.md section 3).
+    A choice between colours, not a flow field: a logit's gradient is the colour its plane
+    would bring, however far away. The gate is linear and starts at 0, so the head starts
+    silent and a network without it is continued unchanged (distill.py adds it so). Per pixel:
+    no key or value changes, the KV cache stays exact."""
+    (B, Fr, _, H, W), K = cam.shape, len(planes)
+    u, v = plane_uv(cam[:, :, -6:], planes)                                     # (B, K, F, H, W)
+    fx, fy, cx, cy = (k[:, None, :, None, None] for k in k_src.to(u.dtype).unbind(-1))
+    grid = torch.stack([2 * (fx * u + cx) - 1, 2 * (fy * v + cy) - 1], -1)      # grid_sample's [-1, 1]
+    grid = grid.transpose(1, 2).flatten(0, 2)                                   # (BFK, H, W, 2)
+    src = cam[:, :, :3].flatten(0, 1)                                            # (BF, 3, H, W)
+    seen = F.grid_sample(src.repeat_interleave(K, 0), grid, mode="bilinear", padding_mode="border",
+                         align_corners=False).view(B * Fr, K, 3, H, W)
+    mix = (o[:, :K].softmax(1)[:, :, None] * seen).sum(1)
+    return (o[:, K:] * (mix - src)).view(B, Fr, 3, H, W)
 
 
 # -----------------------------------------------------------------------------
@@ -365,29 +377,11 @@ class RealCamDiT(nn.Module):
         return out + self.warp(h, cam, k_src)
 
     def warp(self, h, cam, k_src):
-        """The warp head's term (B, F, 3, H, W): gate * (sum_k w_k src(x_k) - src(x)), where x_k is
-        where the pixel's ray meets plane k (inverse depth cfg.warp[k]) seen from the source, w =
-        softmax of the pixel's plane logits, src the frame's source pixels (cam's first 3
-        channels, zeros for source frames). x_k is projected with the source's intrinsics k_src
-        (B, F, 4): (fx, fy, cx, cy), source_intrinsics; the target's own intrinsics are in its
-        rays. The network only has to say which depth a pixel is at; the camera moves it there
-        exactly, to a fraction of a pixel, which 4x4-pixel tokens cannot (DESIGN.md section 3).
-        A choice between colours, not a flow field: a logit's gradient is the colour its plane
-        would bring, however far away. The gate is linear and starts at 0, so the head starts
-        silent and a network without it is continued unchanged (distill.py adds it so). Per pixel:
-        no key or value changes, the KV cache stays exact."""
-        cfg, (B, Fr, _, H, W) = self.cfg, cam.shape
-        K = len(cfg.warp)
+        """The warp head's term (B, F, 3, H, W) for tokens h: its plane logits and gate, a pixel
+        (the last kept as self.last_warp (BF, K + 1, H, W) for hires.py), turned into pixels by warp_term."""
         o = self.unpatchify(self.warp_out(h)).flatten(0, 1)                      # (BF, K + 1, H, W)
-        u, v = plane_uv(cam[:, :, -6:], cfg.warp)                               # (B, K, F, H, W)
-        fx, fy, cx, cy = (k[:, None, :, None, None] for k in k_src.to(u.dtype).unbind(-1))
-        grid = torch.stack([2 * (fx * u + cx) - 1, 2 * (fy * v + cy) - 1], -1)  # grid_sample's [-1, 1]
-        grid = grid.transpose(1, 2).flatten(0, 2)                               # (BFK, H, W, 2)
-        src = cam[:, :, :3].flatten(0, 1)                                        # (BF, 3, H, W)
-        seen = F.grid_sample(src.repeat_interleave(K, 0), grid, mode="bilinear", padding_mode="border",
-                             align_corners=False).view(B * Fr, K, 3, H, W)
-        mix = (o[:, :K].softmax(1)[:, :, None] * seen).sum(1)
-        return (o[:, K:] * (mix - src)).view(B, Fr, 3, H, W)
+        self.last_warp = o.detach()
+        return warp_term(o, cam, k_src, self.cfg.warp)
 
     def forward_frames(self, x, cam, t, time, role, causal, cache=None, write=False, k_src=None):
         """Core forward over F frames with per-frame metadata.
@@ -467,14 +461,15 @@ def student_timesteps(steps, shift):
     return [shift_t(1 - j / steps, shift) for j in range(steps)]
 
 
-def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_step=None):
+def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_step=None, heads=None):
     """Generate one chunk of n target frames with the student's KV cache, in diffusion space.
     src (B, n, 3, H, W), cam_* (B, n, 6, H, W), time (n,) absolute pair indices (a range or a
     list; a CUDA tensor costs one host sync), noise (steps, B, n, 3, H, W): the starting noise
     and the fresh noise of each re-noising.
     The chunk's source frames are encoded once (sources never see targets); then steps
     0..exit_step (default: all) on the targets, of which only the last keeps gradients (when grad
-    is enabled); then a t = 0 pass without gradient writes the chunk's clean keys and values."""
+    is enabled); then a t = 0 pass without gradient writes the chunk's clean keys and values.
+    heads: a list that gets the warp head's outputs of the last step (hires.py)."""
     cfg, (B, n) = model.cfg, src.shape[:2]
     time, ts = ints(time), student_timesteps(steps, model.cfg.shift)
     last = steps - 1 if exit_step is None else exit_step
@@ -489,6 +484,8 @@ def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_
     for j in range(last + 1):
         with torch.set_grad_enabled(grad and j == last):
             x0 = targets(x, zeros + ts[j], False)
+        if heads is not None and j == last:
+            heads.append(model.last_warp)
         if j < last:
             x = (1 - ts[j + 1]) * x0 + ts[j + 1] * noise[j + 1]             # re-noise to t_{j+1}
     with torch.no_grad():

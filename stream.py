@@ -40,7 +40,8 @@ import camera
 import data
 import render
 from common import ArgumentParser, check_args, check_device, check_finite, check_out_dir, default_device, fail, hold_out_dir
-from model import SHIPPED_STUDENT, KVCache, decode_target, load_model, student_chunk
+import hires
+from model import SHIPPED_STUDENT, KVCache, decode_target, load_model, source_intrinsics, student_chunk
 
 KEYS = {  # key: (offset component, increment)
     "a": ("orbit", 5.0), "d": ("orbit", -5.0), "j": ("yaw", -5.0), "l": ("yaw", 5.0),
@@ -55,6 +56,7 @@ MOVE_LIMITS = dict(orbit=45.0, yaw=45.0, pitch=45.0, dz=1.0, dy=1.0, zoom=1.0)
 # straight up or down (pitch), moves stop at 2 scene units, zoom at camera.MAX_ZOOM either way
 WRAP, OFFSET_LIMITS = ("orbit", "yaw"), dict(pitch=90.0, dz=2.0, dy=2.0, zoom=math.log(camera.MAX_ZOOM))
 FOV_RANGE = (5.0, 150.0)   # --fov, degrees: beyond, the rays of the 32x32 crop carry no usable camera
+VIDEO_SIZE = 128  # --size for a --video (hires.py); the model sees 32x32
 SYNTH_PERIOD = 48  # frames of the built-in scene, played forward then backward (a seamless loop)
 
 # -----------------------------------------------------------------------------
@@ -231,49 +233,6 @@ def synthetic_source(size, seed=2 ** 31 + 123, period=SYNTH_PERIOD, info=None):
         yield rgb[0]
 
 
-def probe_video(path):
-    """(frame rate, frames its header declares or 0, whether that count is exact) of a video file: a
-    header with no frame count but a duration (Matroska) gives the frames that duration holds at that
-    rate, about.
-    VideoError for a missing or unreadable file, and for an image (one picture is not a video)."""
-    import av
-    fps = data.video_fps(path)
-    try:
-        with av.open(path) as c:
-            fmt, declared = c.format.name, c.streams.video[0].frames
-            exact = bool(declared)
-            if not declared and c.duration and len(c.streams) == 1 and fmt != "image2" and not fmt.endswith("_pipe"):
-                declared = round(c.duration / 1e6 * fps)   # the video's duration (Matroska, WebM; no audio track)
-    except Exception as e:
-        raise data.VideoError(f"cannot read video {path}: {type(e).__name__}: {e}") from None
-    if fmt == "image2" or fmt.endswith("_pipe"):
-        raise data.VideoError(f"{path} is an image ({fmt.replace('_pipe', '')}), not a video: stream.py needs a "
-                              "video (to stream a still scene, make a video of it, e.g. with ffmpeg -loop 1)")
-    return fps, declared, exact
-
-
-def video_source(path, size, info, loop=False):
-    """The frames of a video, one at a time (from the start again at its end if loop). info['read']
-    counts them; a file that ends before the frames its header declares (info['declared'], exact or
-    from its duration) is damaged: VideoError, as for a file that breaks mid-stream."""
-    while True:
-        n = 0
-        for frame in data.read_video(path, size):
-            n += 1
-            info["read"] += 1
-            yield frame
-        want = info["declared"]
-        if info["exact"] and n < want:
-            raise data.VideoError(f"{path} ended after {n} of the {want} frames its header declares: "
-                                  "the file is truncated or damaged")
-        if not info["exact"] and n < want - max(2, want // 20):      # a duration: a few frames of slack
-            raise data.VideoError(f"{path} ended after {n} of the about {want} frames its header's duration holds: "
-                                  "the file is truncated or damaged")
-        if not loop:
-            return
-        info["loops"] += 1
-
-
 def paced(frames, fps, info):
     """Frames as a live camera delivers them: frame i arrives i / fps seconds after the first. Each
     request gets the newest frame that has arrived; older ones that arrived while the consumer was
@@ -305,8 +264,9 @@ def paced(frames, fps, info):
 def stream_frames(model, frames, controls, steps, seed=0, device="cpu", fx=1.0):
     """The streaming loop, one code path for every consumer: gather a chunk of source frames as they
     arrive, take the camera commands, generate the chunk with the student's KV cache, hand the frames
-    out. fx: focal length / image width of the input (source and target rays). Yields
-    (source (3, S, S), generated (3, S, S), relative pose (4, 4), focal scale, seconds a frame)."""
+    out. fx: focal length / image width of the input (source and target rays). Frames larger than
+    the model's size come out at their size (hires.py): the network sees them at its own. Yields
+    (source (3, R, R), generated (3, R, R), relative pose (4, 4), focal scale, seconds a frame)."""
     cfg, S = model.cfg, model.cfg.size
     cache, gen = KVCache(cfg), torch.Generator(device=device).manual_seed(seed)
     K, n, frames = torch.tensor([fx, fx, 0.5, 0.5]), 0, iter(frames)
@@ -318,20 +278,28 @@ def stream_frames(model, frames, controls, steps, seed=0, device="cpu", fx=1.0):
         controls.apply(n)
         if controls.quit:
             return
-        m = len(chunk)
-        src = torch.stack(chunk)[None].to(device)                            # (1, m, 3, S, S)
+        m, R = len(chunk), chunk[0].shape[-1]
+        src_hr = torch.stack(chunk)[None].to(device)                         # (1, m, 3, R, R)
+        src = hires.resize(src_hr, S)
         rel, zoom = controls.camera(n, m)                                      # (m, 4, 4), (m,)
         Kt = K.expand(m, 4).clone()
         Kt[:, :2] *= zoom[:, None]
-        cam_src, cam_tgt = camera.pair_rays(rel[None].to(device), K.expand(1, m, 4).to(device), Kt[None].to(device), S, S)
+        rel, Ks, Kt = rel[None].to(device), K.expand(1, m, 4).to(device), Kt[None].to(device)
+        cam_src, cam_tgt = camera.pair_rays(rel, Ks, Kt, S, S)
         noise = torch.randn((steps, 1, m, 3, S, S), generator=gen, device=device)   # as model.student_sample
-        x0 = student_chunk(model, cache, src, cam_src, cam_tgt, torch.arange(n, n + m, device=device), steps, noise)
-        out = decode_target(x0, src, cfg)[0].cpu()
+        heads = []
+        x0 = student_chunk(model, cache, src, cam_src, cam_tgt, torch.arange(n, n + m, device=device), steps, noise,
+                           heads=heads if R > S else None)
+        if R > S:
+            cam_tgt_hr = camera.pair_rays(rel, Ks, Kt, R, R)[1]
+            out = hires.compose(model, x0, heads[0], src, src_hr, cam_tgt, cam_tgt_hr, source_intrinsics(cam_src))[0].cpu()
+        else:
+            out = decode_target(x0, src, cfg)[0].cpu()
         if str(device).startswith("cuda"):
             torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / m
         for i in range(m):
-            yield src[0, i].cpu(), out[i], rel[i], zoom[i].item(), dt
+            yield src_hr[0, i].cpu(), out[i], rel[0, i].cpu(), zoom[i].item(), dt
         n += m
 
 # -----------------------------------------------------------------------------
@@ -355,6 +323,10 @@ def parser():
     p.add_argument("--frames", type=int, default=None,
                    help="stop after this many frames (default: the whole video; 48 of the built-in scene; "
                         "no limit with --serve)")
+    p.add_argument("--size", type=int, default=None,
+                   help=f"side of the output, pixels, at least the model's: above it, the warp head samples the input "
+                        f"at this size (hires.py) (default: {VIDEO_SIZE} for --video; the model's for the built-in scene, "
+                        f"whose renderer costs more than the model at {VIDEO_SIZE})")
     p.add_argument("--fov", type=float, default=2 * math.degrees(math.atan(0.5)),
                    help="horizontal field of view of the input's square crop, degrees (default 53.13: "
                         "focal length = crop width; the built-in scene's); fx = 0.5 / tan(fov / 2)")
@@ -376,7 +348,9 @@ def parser():
 def parse_args():
     """The flags, with everything that can be checked before loading anything."""
     args = parser().parse_args()
-    check_args(args, positive=("frames", "steps", "traj_frames"), nonneg=("window",))
+    check_args(args, positive=("frames", "steps", "traj_frames", "size"), nonneg=("window",))
+    if args.size is not None and not (args.size % 2 == 0 and args.size <= 1024):
+        fail(f"--size is the output's side in pixels, even (H.264) and at most 1024, not {args.size}")
     check_finite(args, ("fov",))
     if not FOV_RANGE[0] <= args.fov <= FOV_RANGE[1]:
         fail(f"--fov is the horizontal field of view in degrees, between {FOV_RANGE[0]:g} and {FOV_RANGE[1]:g} (a focal "
@@ -406,12 +380,12 @@ def make_controls(args):
 
 
 def open_input(args, S):
-    """-> (frame rate, frames, info dict of what was read); fails early on an unreadable input."""
+    """-> (frame rate, frames at S x S, info dict of what was read); fails early on an unreadable input."""
     info = dict(read=0, declared=0, exact=True, loops=0, dropped=0, arrivals=deque())
     try:
         if args.video:
-            fps, info["declared"], info["exact"] = probe_video(args.video)
-            frames = video_source(args.video, S, info, loop=args.serve)
+            fps, info["declared"], info["exact"] = data.probe_video(args.video)
+            frames = data.video_source(args.video, S, info, loop=args.serve)
             first = next(frames)                                 # an empty or broken file fails here
             frames = itertools.chain([first], frames)
         else:
@@ -561,17 +535,23 @@ def main():
     if args.window is not None:
         model.cfg = replace(model.cfg, window=args.window)
     cfg, S = model.cfg, model.cfg.size
-    fps, frames, info = open_input(args, S)
+    R = args.size or (VIDEO_SIZE if args.video else S)
+    if R < S:
+        fail(f"--size must be at least the model's size, {S} (the output is rendered at or above it)")
+    if R > S and not cfg.warp:
+        fail(f"--size above the model's {S} needs a student with the warp head (this one has none)")
+    fps, frames, info = open_input(args, R)
     if args.interactive and sys.stdin.isatty():
         threading.Thread(target=read_terminal, args=(controls,), daemon=True).start()
-    print(f"streaming {args.video or 'the built-in scene'} at {fps:.1f} fps through {args.ckpt} ({S}x{S}, chunk {cfg.chunk}, "
+    print(f"streaming {args.video or 'the built-in scene'} at {fps:.1f} fps through {args.ckpt} ({S}x{S}"
+          f"{f', output {R}x{R}' if R > S else ''}, chunk {cfg.chunk}, "
           f"window {cfg.window or 'all'}, {steps} steps, fov {args.fov:.2f} deg), trajectory {args.traj}"
           + (" + script" if controls.script else " + keys" if args.interactive else "")
           + (", paced as a live camera" if args.realtime else ""), flush=True)
     if server:
         print(f"serving http://{args.host}:{server.server_address[1]}/  (Ctrl-C or q stops)", flush=True)
     mp4 = os.path.join(args.out, "stream.mp4")
-    writer = data.VideoWriter(mp4, fps, upscale=max(1, 128 // S))
+    writer = data.VideoWriter(mp4, fps, upscale=max(1, 128 // R))
     try:
         flog, stop, damaged, t_start = record(args, model, frames, controls, steps, info, writer, hub)
     finally:

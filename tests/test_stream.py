@@ -69,6 +69,7 @@ def test_stream_end_to_end(script, student, tmp_path):
     assert len(frames) == 7
     H, W = frames[0].shape[1:]
     assert W > 2 * H - 16 and W < 2 * H + 16                      # source | generated, side by side
+    assert H == stream.VIDEO_SIZE                                  # a video comes out at 128 (hires.py)
     log = read_log(out)
     assert len(log["latency_ms"]) == 7 and log["steps"] == 4 and log["frames_read"] == 7
     assert sorted(os.listdir(out)) == ["stream.mp4", "stream_latency.json"]      # the lock went with the run
@@ -80,6 +81,10 @@ def test_stream_end_to_end(script, student, tmp_path):
     r = script("stream.py", "--ckpt", student["ckpt"], "--video", student["video"], "--frames", 50, "--steps", 1,
                "--out", out)
     assert "read 7 frames" in r.stdout and "the end of the video" in r.stdout and "7 frames |" in r.stdout
+    # another output size: 48 (written at twice that, as every output under 128)
+    r = script("stream.py", "--ckpt", student["ckpt"], "--video", student["video"], "--size", 48, "--steps", 1,
+               "--out", out)
+    assert "output 48x48" in r.stdout and next(data.read_video(os.path.join(out, "stream.mp4"))).shape[1] == 96
 
 
 def test_default_steps_are_the_checkpoints_stream_steps(script, student, tmp_path):
@@ -279,6 +284,8 @@ BAD = [  # (arguments, stdin, what the one error line says); {d}: a folder of da
     (["--frames", "0"], None, "--frames must be at least 1"),
     (["--traj_frames", "0"], None, "--traj_frames must be at least 1"),
     (["--fov", "180"], None, "--fov is the horizontal field of view"),
+    (["--size", "49"], None, "--size is the output's side in pixels, even"),
+    (["--size", "8"], None, "--size must be at least the model's size, 16"),
     (["--device", "gpu0"], None, "--device gpu0: use cpu, cuda or cuda:N"),
     (["--frames", "x"], None, "argument --frames: invalid int value"),
     (["--device", "cuda:99"], None, "--device cuda:99"),
