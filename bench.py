@@ -6,7 +6,7 @@ Speed benchmark: one run, one table (and OUT/bench.json), one machine, one model
     python bench.py --ckpt '' --preset base --device cuda --compile   # random weights: speed does not depend on them
 
 Measures: the student streaming frame by frame (KV cache, rolling window; CUDA graphs on CUDA)
-at 1, 2 and 4 steps; the bidirectional teacher producing the same frames with 50 Euler steps;
+at 1, 2 and 4 steps, and at 1 step with the output at 128x128 (hires.py); the bidirectional teacher producing the same frames with 50 Euler steps;
 per-frame time near frame 50 and near frame --long of one stream; teacher.py's training step
 without its data (and MFU on a known GPU), the data of that step rendered on the same device
 against it; peak memory. Every timed row runs once untimed first (compilation, CUDA graph
@@ -24,11 +24,12 @@ import torch
 
 import camera
 import data
+import hires
 from attention import KVCache, attention_pairs
 from common import (ArgumentParser, autocast_for, check_args, check_device, check_out_dir, default_device, fail,
                     hold_out_dir, peak_flops)
 from model import (PRESETS, SHIPPED_STUDENT, RealCamDiT, add_noise, compile_blocks, flops_per_forward, flow_loss,
-                   load_model, sample_t, student_chunk, teacher_sample)
+                   load_model, sample_t, source_intrinsics, student_chunk, teacher_sample)
 
 p = ArgumentParser(description="RealCam-min speed benchmark.")
 p.add_argument("--preset", type=str, default="small", help=f"model preset (random weights) when --ckpt '': {', '.join(PRESETS)}")
@@ -95,16 +96,20 @@ cs, ct = rays(camera.preset_path("orbit_left", cfg.chunk)[0], cfg.chunk)
 
 
 @torch.no_grad()
-def stream(n, steps, time_from=0):
-    """Stream n frames chunk by chunk; returns per-frame seconds (only from frame time_from on)."""
+def stream(n, steps, time_from=0, hi=None):
+    """Stream n frames chunk by chunk; returns per-frame seconds (only from frame time_from on).
+    hi: (source, target rays) at a size above the model's, for the output at that size (hires.py)."""
     cache.reset()
     times = []
     for c0 in range(0, n, cfg.chunk):
         k = 1 if c0 < time_from - 4 * cfg.chunk else steps      # fast-forward cheaply to the region of interest
         t0 = time.perf_counter()
         noise = torch.randn((k, 1, cfg.chunk, 3, S, S), device=dev)
+        heads = [] if hi else None
         with autocast:
-            student_chunk(model, cache, src, cs, ct, range(c0, c0 + cfg.chunk), k, noise)
+            x0 = student_chunk(model, cache, src, cs, ct, range(c0, c0 + cfg.chunk), k, noise, heads=heads)
+            if hi:
+                hires.compose(model, x0, heads[0], src, hi[0], ct, hi[1], source_intrinsics(cs))
         sync()
         if c0 >= time_from:
             times += [(time.perf_counter() - t0) / cfg.chunk] * cfg.chunk
@@ -120,6 +125,14 @@ for steps in (1, 2, 4):
     rows[f"student {steps} step"] = dict(ms_per_frame=1000 * t.mean().item(), fps=1 / t.mean().item(),
                                          first_frame_ms=1000 * t[0].item(), p95_ms=1000 * t.quantile(0.95).item(),
                                          steady_ms=1000 * steady.median().item())
+if cfg.warp and not graphs:                                        # the output at 128x128 (stream.py --size)
+    hi = (torch.randn(1, cfg.chunk, 3, 128, 128, device=dev),
+          camera.pair_rays(camera.preset_path("orbit_left", cfg.chunk)[0][None].to(dev),
+                           *[torch.tensor([1.0, 1.0, 0.5, 0.5], device=dev).expand(1, cfg.chunk, 4)] * 2, 128, 128)[1])
+    t = torch.tensor(stream(args.frames, 1, hi=hi))
+    rows["student 1 step, 128 out"] = dict(ms_per_frame=1000 * t.mean().item(), fps=1 / t.mean().item(),
+                                           first_frame_ms=1000 * t[0].item(), p95_ms=1000 * t.quantile(0.95).item(),
+                                           steady_ms=1000 * t[full:].median().item() if len(t) > full else 1000 * t.median().item())
 # teacher: all frames at once, bidirectional, 50 steps; nothing comes out before the end
 srcT = torch.randn(1, args.frames, 3, S, S, device=dev)
 csT, ctT = rays(camera.preset_path("orbit_left", args.frames)[0], args.frames)
