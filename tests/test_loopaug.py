@@ -143,7 +143,7 @@ def test_loops_through_the_student_and_distill(script, dataset, tmp_path):
     r = script("distill.py", "--teacher", tpath, "--out", out, "--loopaug", 0.5, ok=False)
     assert "--loopaug builds loops from a multi-view dataset" in r.stderr
     r = script("distill.py", "--teacher", tpath, "--out", out, "--data", dataset, "--away", 0.6, ok=False)
-    assert "--away is a share of the rollouts, 0..1 - --loopaug (0.5)" in r.stderr
+    assert "--away and --photo_share are shares of the rollouts, >= 0 and with --loopaug at most 1 together, got 0.5 + 0.6 + 0" in r.stderr
     # the loop benchmark on the student
     r = script("eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--clips", 1, "--frames", 2, "--families", "pan",
                "--steps", 1, "--loops", 1, "--loop_length", 4, "--stream", 0, "--out", out)
