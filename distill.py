@@ -39,7 +39,7 @@ from common import (ArgumentParser, StepBar, StopFlag, agree, allreduce, autocas
                     check_finite, check_out_dir, default_device, diverged, ema_update, fail, hold_out_dir, nonfinite,
                     refuse_nonfinite_weights, setup_ddp)
 from eval import format_quick, quick_eval, save_sample_video, save_strip
-from loopaug import LoopSampler, away_batch
+from loopaug import LoopSampler
 from real import PhotoClips
 from model import (WARP_PLANES, KVCache, RealCamDiT, add_noise, config_from, encode_target, flow_loss, load_checkpoint,
                    null_camera, sample_t, save_checkpoint, shift_t, student_chunk)
@@ -50,6 +50,7 @@ STEPS = {"causal": {"tiny": 50, "small": 600, "base": 3000},          # a stage'
 MAX_PAIRS = {"causal": 6, "selfforcing": 12}     # rollouts three times the window: the stream's own frames fill it
 TAG = {"causal": 4, "selfforcing": 5}            # each stage's RNG tag
 CAUSAL_SHARE = 0.2      # with --minutes and both stages: the causal stage's share of the time
+PHOTO_SHARE = 0.25      # with --photos: the selfforcing stage's share of rollouts drawn from them
 SAVE_EVERY = 50         # steps between checkpoints
 CLIP = 1.0              # gradient-norm clip (student and critic)
 EMA = 0.99              # EMA decay of the student
@@ -225,12 +226,8 @@ def parse_args():
     p.add_argument("--loopaug", type=float, default=None,
                    help="share of the selfforcing stage's rollouts drawn from LoopAug loops, 0..1, which needs --data "
                         "(default: 0.5 with --data, the shipped student's; 0 without)")
-    p.add_argument("--away", type=float, default=0.0, help="share of the selfforcing stage's rollouts drawn from memory "
-                   "clips (loopaug.away_clip: the source moves away, the target stays)")
     p.add_argument("--photos", type=str, default=None, help="folder of photographs (real.py --fetch_photos DIR) whose "
-                   "turns and zooms the selfforcing stage also draws (real.PhotoClips: real pixels, exact truth)")
-    p.add_argument("--photo_share", type=float, default=None,
-                   help="share of the selfforcing stage's rollouts drawn from --photos (default: 0.25 with --photos)")
+                   f"turns and zooms make {PHOTO_SHARE:g} of the selfforcing stage's rollouts (real.PhotoClips)")
     p.add_argument("--pairs", type=int, default=None, help="pairs a batch per process (default: 8 CPU, 32 CUDA)")
     p.add_argument("--max_pairs", type=int, default=None,
                    help="clip / rollout lengths drawn from 1..max_pairs (default: 6 causal, 12 selfforcing: rollouts "
@@ -261,20 +258,15 @@ def parse_args():
     args = p.parse_args()
     check_args(args, positive=("chunk", "steps", "pairs", "max_pairs", "causal_steps", "selfforcing_steps", "critic_steps"),
                nonneg=("window", "eval_every"))
-    check_finite(args, ("dmd", "recon", "guidance", "lr", "lr_critic", "warp_lr", "minutes", "loopaug", "away", "photo_share"))
+    check_finite(args, ("dmd", "recon", "guidance", "lr", "lr_critic", "warp_lr", "minutes", "loopaug"))
     if args.dmd < 0 or args.recon < 0 or args.dmd == args.recon == 0:
         fail(f"--dmd and --recon are loss weights, >= 0 and not both 0, got {args.dmd} and {args.recon}")
     if args.loopaug is None:
         args.loopaug = 0.5 if args.data else 0.0
     if not 0 <= args.loopaug <= 1:
         fail(f"--loopaug is a share of the rollouts, 0..1, got {args.loopaug}")
-    if args.photo_share is None:
-        args.photo_share = 0.25 if args.photos else 0.0
-    if args.photo_share and not args.photos:
-        fail("--photo_share draws from photographs: give --photos DIR (python real.py --fetch_photos DIR gets them)")
-    if min(args.away, args.photo_share) < 0 or args.loopaug + args.away + args.photo_share > 1:
-        fail(f"--away and --photo_share are shares of the rollouts, >= 0 and with --loopaug at most 1 together, got "
-             f"{args.loopaug:g} + {args.away:g} + {args.photo_share:g}")
+    if args.photos and args.loopaug + PHOTO_SHARE > 1:
+        fail(f"--photos takes {PHOTO_SHARE:g} of the rollouts: --loopaug can be at most {1 - PHOTO_SHARE:g} beside it")
     if args.minutes is not None and not args.minutes > 0:
         fail(f"--minutes must be positive, got {args.minutes}")
     if not (args.lr > 0 and args.lr_critic > 0 and args.warp_lr > 0):
@@ -416,16 +408,13 @@ class Run:
 
     def batch(self, step, stage):
         """The step's batch on the device: (src, tgt, cam_src, cam_tgt). The selfforcing stage draws
-        a share --loopaug of its batches from LoopAug loops, --away from memory clips and --photo_share from
-        photographs."""
+        a share --loopaug of its batches from LoopAug loops and PHOTO_SHARE from --photos."""
         args, S = self.args, self.scfg.size
         u = torch.rand(1, generator=data.rng(args.seed, step, 3)).item()     # tag 3: loop or not
         mp = args.max_pairs or MAX_PAIRS[stage]
         if self.loops and stage == "selfforcing" and u < args.loopaug:
             b = self.loops.batch(step, args.pairs, mp, args.seed, self.rank)
-        elif stage == "selfforcing" and u < args.loopaug + args.away:
-            b = away_batch(step, args.pairs, mp, S, args.seed, self.rank, args.device)
-        elif stage == "selfforcing" and u < args.loopaug + args.away + args.photo_share:
+        elif self.photos and stage == "selfforcing" and u < args.loopaug + PHOTO_SHARE:
             b = self.photos.batch(step, args.pairs, mp, S, args.seed, self.rank)
         elif self.dataset:
             b = self.dataset.batch(step, args.pairs, mp, args.seed, self.rank)

@@ -1,19 +1,23 @@
 """
 Output above the model's resolution. The student runs at cfg.size (32x32), but most of a new
 view is the source seen from elsewhere, and its warp head says so per pixel: which plane (depth)
-the pixel's ray meets, and how much of the source to take there (the gate). The source itself
+the pixel's ray meets, and how much of the source to take there (the gate g). The source itself
 can be sampled anywhere, at any resolution. So a target frame at R x R (R > cfg.size) is
 
-    y_R = src_R + up(own) + warp_term(up(heads), target rays at R, src_R)
+    y_R = up(y) + (g mix)_R - up((g mix)_S)
 
-where heads are the warp head's plane logits and gate of the step that made the frame, up is
-bilinear upsampling from cfg.size to R, and own = x0 - warp_term(heads, rays at cfg.size, src)
-is what the network adds of its own (x0 is the residual over the source, model.encode_target).
-Where the source sees the pixel, the detail is the source's at R; where the network invents,
-its colours are upsampled. At R = cfg.size this is exactly the model's output.
+where y is the model's output at its size S, up is bilinear upsampling to R, and g mix is the
+warp head's gate times the source sampled where each pixel's ray meets its planes (the plane
+logits and gate of the step that made the frame, upsampled to R for (g mix)_R, the source at R).
+The model decides the colours at its size; the fine detail it lacks comes from the source at
+R, where and as much as its warp head takes the source. At R = S this is exactly the model's
+output. Chosen on validation scenes (python hires.py) over two others: adding the source at R
+unwarped where the gate is below 1 (ghosts), and the detail without the gate (wrong detail where
+the network invents); docs/results.md, Real footage.
 
     python stream.py --video in.mp4 --traj pan_left --size 128    # the output at 128x128
     python eval.py --real data/real                               # measured at 32 and 128 (real.py)
+    python hires.py                                               # validation scenes at 128
 """
 import torch
 import torch.nn.functional as F
@@ -43,11 +47,14 @@ def compose(model, x0, heads, src, src_hr, cam_tgt, cam_tgt_hr, k_src):
     outputs of the step that made it (heads (B n, K + 1, S, S): student_chunk(heads=[...])).
     src (B, n, 3, S, S) is what the network saw, src_hr (B, n, 3, R, R) the same frames at R;
     cam_tgt, cam_tgt_hr the targets' rays at S and at R; k_src the sources' intrinsics."""
-    cfg, R = model.cfg, src_hr.shape[-1]
-    own = x0 - warp_term(heads, frame_cond(cfg, src, cam_tgt), k_src, cfg.warp)
+    cfg, (B, n), R, K = model.cfg, src.shape[:2], src_hr.shape[-1], len(model.cfg.warp)
+
+    def taken(o, s, cam):                               # g mix: warp_term is g (mix - s)
+        return warp_term(o, frame_cond(cfg, s, cam), k_src, cfg.warp) + o[:, K:].view(B, n, 1, *s.shape[-2:]) * s
+
     up_heads = F.interpolate(heads, size=(R, R), mode="bilinear", align_corners=False)
-    sharp = warp_term(up_heads, frame_cond(cfg, src_hr, cam_tgt_hr), k_src, cfg.warp)
-    return decode_target(resize(own, R) + sharp, src_hr, cfg)
+    detail = taken(up_heads, src_hr, cam_tgt_hr) - resize(taken(heads, src, cam_tgt), R)
+    return (resize(decode_target(x0, src, cfg), R) + detail).clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -72,3 +79,38 @@ def sample(model, src_hr, rel, K_src, K_tgt, steps, generator=None, cache=None, 
         hi.append(compose(model, x0, heads[0], src[:, sl], src_hr[:, sl], cam_tgt, cam_tgt_hr, source_intrinsics(cam_src)))
         lo.append(decode_target(x0, src[:, sl], cfg))
     return torch.cat(hi, 1), torch.cat(lo, 1)
+
+
+def validate(model, size, n_clips, steps, families=("pan", "tilt", "zoom", "orbit", "dolly", "truck")):
+    """The output at `size` on validation scenes (eval.VAL_SEED: never eval.py's), co-visible PSNR
+    at that size against the truth rendered at it: this module's output, the model's output
+    upsampled, copy, and the depth-warp oracle at that size. Returns {family: {row: dB}}."""
+    import eval as ev
+    res = {}
+    for fam in families:
+        b = ev.heldout_batch(fam, n_clips, 8, size, ev.VAL_SEED)
+        hi, lo = sample(model, b["src"], b["rel"], b["K_src"], b["K_tgt"], steps, torch.Generator().manual_seed(0))
+        covis, grid = camera.covisibility(b["depth_src"], b["depth_tgt"], b["rel"], b["K_src"], b["K_tgt"])
+        m = lambda x: ev.nanmean(ev.psnr(x, b["tgt"], covis))
+        res[fam] = dict(hires=m(hi), upsampled=m(resize(lo, size)), copy=m(b["src"]),
+                        oracle=m(camera.warp_source(b["src"], grid)))
+        print(f"{fam:6s} " + " | ".join(f"{k} {v:.2f}" for k, v in res[fam].items()), flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    from common import ArgumentParser, check_args, fail
+    from model import SHIPPED_STUDENT, load_model
+    p = ArgumentParser(description="The output above the model's size on validation scenes (co-visible PSNR).")
+    p.add_argument("--ckpt", type=str, default=SHIPPED_STUDENT, help="student checkpoint (default: the shipped one)")
+    p.add_argument("--size", type=int, default=128, help="output side, pixels")
+    p.add_argument("--clips", type=int, default=4, help="validation clips a family (8 frames each)")
+    p.add_argument("--steps", type=int, default=1, help="denoising steps")
+    a = p.parse_args()
+    check_args(a, positive=("size", "clips", "steps"))
+    try:
+        model = load_model(a.ckpt)[0]
+        check(model)
+    except (FileNotFoundError, ValueError) as e:
+        fail(e)
+    validate(model, a.size, a.clips, a.steps)

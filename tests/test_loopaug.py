@@ -12,7 +12,7 @@ import torch
 import camera
 import data
 import render
-from loopaug import LoopSampler, away_batch, away_clip, camera_cycle, closed_walk, load_loop, palindrome, spread, write_loop
+from loopaug import LoopSampler, camera_cycle, closed_walk, load_loop, palindrome, spread, write_loop
 from model import PRESETS, save_checkpoint, student_sample
 from test_model import random_model
 
@@ -136,14 +136,12 @@ def test_loops_through_the_student_and_distill(script, dataset, tmp_path):
     tpath = str(tmp_path / "teacher.pt")
     save_checkpoint(tpath, model=m.state_dict(), ema=m.state_dict(), config=asdict(TINY), step=0)
     out = str(tmp_path / "s")
-    r = script("distill.py", "--teacher", tpath, "--out", out, "--data", dataset, "--loopaug", 0.5, "--away", 0.5,
+    r = script("distill.py", "--teacher", tpath, "--out", out, "--data", dataset, "--loopaug", 1.0,
                "--causal_steps", 1, "--selfforcing_steps", 2, "--critic_steps", 1, "--pairs", 3, "--max_pairs", 3,
                "--eval_every", 100)
     assert "selfforcing 1/2" in open(os.path.join(out, "log.txt")).read()
     r = script("distill.py", "--teacher", tpath, "--out", out, "--loopaug", 0.5, ok=False)
     assert "--loopaug builds loops from a multi-view dataset" in r.stderr
-    r = script("distill.py", "--teacher", tpath, "--out", out, "--data", dataset, "--away", 0.6, ok=False)
-    assert "--away and --photo_share are shares of the rollouts, >= 0 and with --loopaug at most 1 together, got 0.5 + 0.6 + 0" in r.stderr
     # the loop benchmark on the student
     r = script("eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--clips", 1, "--frames", 2, "--families", "pan",
                "--steps", 1, "--loops", 1, "--loop_length", 4, "--stream", 0, "--out", out)
@@ -151,19 +149,3 @@ def test_loops_through_the_student_and_distill(script, dataset, tmp_path):
     assert set(res["loops"]) == {"turn", "slide"} and res["loops"]["turn"]["frames"] == 4
     assert "student, window 1" in res["loops"]["slide"]["rows"] and res["stream"] == {}
 
-
-def test_memory_clips_keep_the_target_and_move_the_source():
-    """away_clip: the target camera's world pose is the same at every frame, the source's moves
-    every frame, in one direction; away_batch renders them as a training batch of 3..max_pairs."""
-    g = torch.Generator().manual_seed(3)
-    for seed in range(6):
-        spec = away_clip(seed, 6, g)
-        src, tgt = spec["c2w"][:6], spec["c2w"][6:]
-        assert torch.allclose(tgt, tgt[:1].expand_as(tgt), atol=1e-5)
-        step = (src[1:, :3, :] - src[:-1, :3, :]).flatten(1).norm(dim=1)
-        assert (step > 1e-3).all()
-        assert torch.allclose(spec["rel"], camera.invert_pose(src) @ tgt, atol=1e-5)
-    b = away_batch(7, pairs=8, max_pairs=5, size=16)
-    T = b["src"].shape[1]
-    assert 3 <= T <= 5 and b["src"].shape[0] == 8 // T and b["tgt"].shape == b["src"].shape
-    assert torch.equal(away_batch(7, 8, 5, 16)["tgt"], b["tgt"])           # a pure function of the step
