@@ -490,6 +490,8 @@ if __name__ == "__main__":
         fail(f"--stream_frames must be at least 3 (the stream is reported by thirds), got {args.stream_frames}")
     if args.loops and args.loop_length < 3:
         fail(f"--loop_length must be at least 3 (out, away, back), got {args.loop_length}")
+    if args.real and not (os.path.isdir(args.real) and os.listdir(args.real)):
+        fail(f"--real {args.real} is not a folder of videos (python real.py --fetch {args.real} gets the benchmark's)")
     families = args.families.split(",")
     for f in families:
         if f not in FAMILIES:
