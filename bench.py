@@ -127,8 +127,8 @@ for steps in (1, 2, 4):
                                          steady_ms=1000 * steady.median().item())
 if cfg.warp and not graphs:                                        # the output at 128x128 (stream.py --size)
     hi = (torch.randn(1, cfg.chunk, 3, 128, 128, device=dev),
-          camera.pair_rays(camera.preset_path("orbit_left", cfg.chunk)[0][None].to(dev),
-                           *[torch.tensor([1.0, 1.0, 0.5, 0.5], device=dev).expand(1, cfg.chunk, 4)] * 2, 128, 128)[1])
+          camera.plucker(camera.preset_path("orbit_left", cfg.chunk)[0][None].to(dev),
+                         torch.tensor([1.0, 1.0, 0.5, 0.5], device=dev).expand(1, cfg.chunk, 4), 128, 128))
     t = torch.tensor(stream(args.frames, 1, hi=hi))
     rows["student 1 step, 128 out"] = dict(ms_per_frame=1000 * t.mean().item(), fps=1 / t.mean().item(),
                                            first_frame_ms=1000 * t[0].item(), p95_ms=1000 * t.quantile(0.95).item(),

@@ -71,7 +71,7 @@ def sample(model, src_hr, rel, K_src, K_tgt, steps, generator=None, cache=None, 
         sl = slice(c0, min(T, c0 + cfg.chunk))
         n = sl.stop - sl.start
         cam_src, cam_tgt = camera.pair_rays(rel[:, sl], K_src[:, sl], K_tgt[:, sl], S, S)
-        cam_tgt_hr = camera.pair_rays(rel[:, sl], K_src[:, sl], K_tgt[:, sl], R, R)[1]
+        cam_tgt_hr = camera.plucker(rel[:, sl], K_tgt[:, sl], R, R)
         noise = torch.randn((steps, B, n, 3, S, S), generator=generator, device=src.device)
         heads = []
         x0 = student_chunk(model, cache, src[:, sl], cam_src, cam_tgt, range(sl.start + time0, sl.stop + time0), steps,

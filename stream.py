@@ -291,7 +291,7 @@ def stream_frames(model, frames, controls, steps, seed=0, device="cpu", fx=1.0):
         x0 = student_chunk(model, cache, src, cam_src, cam_tgt, torch.arange(n, n + m, device=device), steps, noise,
                            heads=heads if R > S else None)
         if R > S:
-            cam_tgt_hr = camera.pair_rays(rel, Ks, Kt, R, R)[1]
+            cam_tgt_hr = camera.plucker(rel, Kt, R, R)                     # the targets' rays at R
             out = hires.compose(model, x0, heads[0], src, src_hr, cam_tgt, cam_tgt_hr, source_intrinsics(cam_src))[0].cpu()
         else:
             out = decode_target(x0, src, cfg)[0].cpu()
