@@ -29,7 +29,7 @@ from attention import KVCache, attention_pairs
 from common import (ArgumentParser, autocast_for, check_args, check_device, check_out_dir, default_device, fail,
                     hold_out_dir, peak_flops)
 from model import (PRESETS, SHIPPED_STUDENT, RealCamDiT, add_noise, compile_blocks, flops_per_forward, flow_loss,
-                   load_model, sample_t, source_intrinsics, student_chunk, teacher_sample)
+                   load_model, sample_t, student_chunk, teacher_sample)
 
 p = ArgumentParser(description="RealCam-min speed benchmark.")
 p.add_argument("--preset", type=str, default="small", help=f"model preset (random weights) when --ckpt '': {', '.join(PRESETS)}")
@@ -98,18 +98,19 @@ cs, ct = rays(camera.preset_path("orbit_left", cfg.chunk)[0], cfg.chunk)
 @torch.no_grad()
 def stream(n, steps, time_from=0, hi=None):
     """Stream n frames chunk by chunk; returns per-frame seconds (only from frame time_from on).
-    hi: (source, target rays) at a size above the model's, for the output at that size (hires.py)."""
+    hi: (source, relative pose, intrinsics) at a size above the model's, for the output at that
+    size (hires.chunk)."""
     cache.reset()
     times = []
     for c0 in range(0, n, cfg.chunk):
         k = 1 if c0 < time_from - 4 * cfg.chunk else steps      # fast-forward cheaply to the region of interest
         t0 = time.perf_counter()
         noise = torch.randn((k, 1, cfg.chunk, 3, S, S), device=dev)
-        heads = [] if hi else None
         with autocast:
-            x0 = student_chunk(model, cache, src, cs, ct, range(c0, c0 + cfg.chunk), k, noise, heads=heads)
-            if hi:
-                hires.compose(model, x0, heads[0], src, hi[0], ct, hi[1], source_intrinsics(cs))
+            if hi:                                                   # as stream.py: rays made a chunk
+                hires.chunk(model, cache, *hi, range(c0, c0 + cfg.chunk), k, noise)
+            else:
+                student_chunk(model, cache, src, cs, ct, range(c0, c0 + cfg.chunk), k, noise)
         sync()
         if c0 >= time_from:
             times += [(time.perf_counter() - t0) / cfg.chunk] * cfg.chunk
@@ -126,9 +127,9 @@ for steps in (1, 2, 4):
                                          first_frame_ms=1000 * t[0].item(), p95_ms=1000 * t.quantile(0.95).item(),
                                          steady_ms=1000 * steady.median().item())
 if cfg.warp and not graphs:                                        # the output at 128x128 (stream.py --size)
+    K1 = torch.tensor([1.0, 1.0, 0.5, 0.5], device=dev).expand(1, cfg.chunk, 4)
     hi = (torch.randn(1, cfg.chunk, 3, 128, 128, device=dev),
-          camera.plucker(camera.preset_path("orbit_left", cfg.chunk)[0][None].to(dev),
-                         torch.tensor([1.0, 1.0, 0.5, 0.5], device=dev).expand(1, cfg.chunk, 4), 128, 128))
+          camera.preset_path("orbit_left", cfg.chunk)[0][None].to(dev), K1, K1)
     t = torch.tensor(stream(args.frames, 1, hi=hi))
     rows["student 1 step, 128 out"] = dict(ms_per_frame=1000 * t.mean().item(), fps=1 / t.mean().item(),
                                            first_frame_ms=1000 * t[0].item(), p95_ms=1000 * t.quantile(0.95).item(),

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import camera
-from model import KVCache, decode_target, frame_cond, source_intrinsics, student_chunk, warp_term
+from model import KVCache, decode_target, frame_cond, student_chunk, warp_term
 
 
 def resize(x, size):
@@ -42,11 +42,11 @@ def check(model):
         raise ValueError("output above the model's size needs a student with the warp head (and residual targets)")
 
 
-def compose(model, x0, heads, src, src_hr, cam_tgt, cam_tgt_hr, k_src):
-    """Target pixels (B, n, 3, R, R) from one chunk's x0 (B, n, 3, S, S) and the warp head's
+def compose(model, y, heads, src, src_hr, cam_tgt, cam_tgt_hr, k_src):
+    """Target pixels (B, n, 3, R, R) from one chunk's output y (B, n, 3, S, S) and the warp head's
     outputs of the step that made it (heads (B n, K + 1, S, S): student_chunk(heads=[...])).
     src (B, n, 3, S, S) is what the network saw, src_hr (B, n, 3, R, R) the same frames at R;
-    cam_tgt, cam_tgt_hr the targets' rays at S and at R; k_src the sources' intrinsics."""
+    cam_tgt, cam_tgt_hr the targets' rays at S and at R; k_src (B, n, 4) the sources' intrinsics."""
     cfg, (B, n), R, K = model.cfg, src.shape[:2], src_hr.shape[-1], len(model.cfg.warp)
 
     def taken(o, s, cam):                               # g mix: warp_term is g (mix - s)
@@ -54,7 +54,22 @@ def compose(model, x0, heads, src, src_hr, cam_tgt, cam_tgt_hr, k_src):
 
     up_heads = F.interpolate(heads, size=(R, R), mode="bilinear", align_corners=False)
     detail = taken(up_heads, src_hr, cam_tgt_hr) - resize(taken(heads, src, cam_tgt), R)
-    return (resize(decode_target(x0, src, cfg), R) + detail).clamp(-1, 1)
+    return (resize(y, R) + detail).clamp(-1, 1)
+
+
+def chunk(model, cache, src_hr, rel, K_src, K_tgt, time, steps, noise):
+    """model.student_chunk for frames at R >= cfg.size: src_hr (B, n, 3, R, R), rel (B, n, 4, 4),
+    K_* (B, n, 4), time (n,), noise (steps, B, n, 3, S, S). The network sees the frames at its
+    size S. Returns (targets at R, targets at S), pixels; the same tensor twice at R = S (any
+    student; above it, one with the warp head)."""
+    cfg, S, R = model.cfg, model.cfg.size, src_hr.shape[-1]
+    src = resize(src_hr, S)
+    cam_src, cam_tgt = camera.pair_rays(rel, K_src, K_tgt, S, S)
+    heads = [] if R > S else None
+    y = decode_target(student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, heads=heads), src, cfg)
+    if R == S:
+        return y, y
+    return compose(model, y, heads[0], src, src_hr, cam_tgt, camera.plucker(rel, K_tgt, R, R), K_src), y
 
 
 @torch.no_grad()
@@ -63,21 +78,16 @@ def sample(model, src_hr, rel, K_src, K_tgt, steps, generator=None, cache=None, 
     cfg.size, the output comes at R. rel (B, T, 4, 4) target poses in the source frames, K_*
     (B, T, 4) intrinsics. Returns (targets at R, targets at cfg.size), each (B, T, 3, ., .)."""
     check(model)
-    cfg, (B, T), R, S = model.cfg, src_hr.shape[:2], src_hr.shape[-1], model.cfg.size
+    cfg, (B, T), S = model.cfg, src_hr.shape[:2], model.cfg.size
     cache = cache if cache is not None else KVCache(cfg)
-    src = resize(src_hr, S)
     hi, lo = [], []
     for c0 in range(0, T, cfg.chunk):
         sl = slice(c0, min(T, c0 + cfg.chunk))
-        n = sl.stop - sl.start
-        cam_src, cam_tgt = camera.pair_rays(rel[:, sl], K_src[:, sl], K_tgt[:, sl], S, S)
-        cam_tgt_hr = camera.plucker(rel[:, sl], K_tgt[:, sl], R, R)
-        noise = torch.randn((steps, B, n, 3, S, S), generator=generator, device=src.device)
-        heads = []
-        x0 = student_chunk(model, cache, src[:, sl], cam_src, cam_tgt, range(sl.start + time0, sl.stop + time0), steps,
-                           noise, heads=heads)
-        hi.append(compose(model, x0, heads[0], src[:, sl], src_hr[:, sl], cam_tgt, cam_tgt_hr, source_intrinsics(cam_src)))
-        lo.append(decode_target(x0, src[:, sl], cfg))
+        noise = torch.randn((steps, B, sl.stop - sl.start, 3, S, S), generator=generator, device=src_hr.device)
+        h, y = chunk(model, cache, src_hr[:, sl], rel[:, sl], K_src[:, sl], K_tgt[:, sl],
+                     range(sl.start + time0, sl.stop + time0), steps, noise)
+        hi.append(h)
+        lo.append(y)
     return torch.cat(hi, 1), torch.cat(lo, 1)
 
 

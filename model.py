@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from attention import KVCache, apply_rope, attend, const, full_plan, ints, rope_freqs
-from camera import source_intrinsics  # noqa: F401 (the warp head's intrinsics, model.source_intrinsics to callers)
+from camera import source_intrinsics
 
 # The warp head's planes, inverse depths: the synthetic scenes' inverse depths are 0 (sky) to
 # about 2.3 (the subject at 1), some ground closer

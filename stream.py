@@ -41,7 +41,7 @@ import data
 import render
 from common import ArgumentParser, check_args, check_device, check_finite, check_out_dir, default_device, fail, hold_out_dir
 import hires
-from model import SHIPPED_STUDENT, KVCache, decode_target, load_model, source_intrinsics, student_chunk
+from model import SHIPPED_STUDENT, KVCache, load_model
 
 KEYS = {  # key: (offset component, increment)
     "a": ("orbit", 5.0), "d": ("orbit", -5.0), "j": ("yaw", -5.0), "l": ("yaw", 5.0),
@@ -278,28 +278,19 @@ def stream_frames(model, frames, controls, steps, seed=0, device="cpu", fx=1.0):
         controls.apply(n)
         if controls.quit:
             return
-        m, R = len(chunk), chunk[0].shape[-1]
-        src_hr = torch.stack(chunk)[None].to(device)                         # (1, m, 3, R, R)
-        src = hires.resize(src_hr, S)
+        m = len(chunk)
+        src = torch.stack(chunk)[None]                                         # (1, m, 3, R, R)
         rel, zoom = controls.camera(n, m)                                      # (m, 4, 4), (m,)
         Kt = K.expand(m, 4).clone()
         Kt[:, :2] *= zoom[:, None]
-        rel, Ks, Kt = rel[None].to(device), K.expand(1, m, 4).to(device), Kt[None].to(device)
-        cam_src, cam_tgt = camera.pair_rays(rel, Ks, Kt, S, S)
         noise = torch.randn((steps, 1, m, 3, S, S), generator=gen, device=device)   # as model.student_sample
-        heads = []
-        x0 = student_chunk(model, cache, src, cam_src, cam_tgt, torch.arange(n, n + m, device=device), steps, noise,
-                           heads=heads if R > S else None)
-        if R > S:
-            cam_tgt_hr = camera.plucker(rel, Kt, R, R)                     # the targets' rays at R
-            out = hires.compose(model, x0, heads[0], src, src_hr, cam_tgt, cam_tgt_hr, source_intrinsics(cam_src))[0].cpu()
-        else:
-            out = decode_target(x0, src, cfg)[0].cpu()
+        out = hires.chunk(model, cache, src.to(device), rel[None].to(device), K.expand(1, m, 4).to(device),
+                          Kt[None].to(device), torch.arange(n, n + m, device=device), steps, noise)[0][0].cpu()
         if str(device).startswith("cuda"):
             torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / m
         for i in range(m):
-            yield src_hr[0, i].cpu(), out[i], rel[0, i].cpu(), zoom[i].item(), dt
+            yield src[0, i], out[i], rel[i], zoom[i].item(), dt
         n += m
 
 # -----------------------------------------------------------------------------
