@@ -63,6 +63,8 @@ def chunk(model, cache, src_hr, rel, K_src, K_tgt, time, steps, noise):
     size S. Returns (targets at R, targets at S), pixels; the same tensor twice at R = S (any
     student; above it, one with the warp head)."""
     cfg, S, R = model.cfg, model.cfg.size, src_hr.shape[-1]
+    if R > S and cache.graphs:       # the heads are read from model.last_warp, which a replayed graph never sets
+        raise ValueError("output above the model's size is not made with CUDA graphs (KVCache(graphs=True))")
     src = resize(src_hr, S)
     cam_src, cam_tgt = camera.pair_rays(rel, K_src, K_tgt, S, S)
     heads = [] if R > S else None

@@ -28,7 +28,7 @@ import time
 import camera
 import data
 from common import ArgumentParser
-from stream import KEYS as STREAM_KEYS, MOVE_LIMITS as LIMITS    # LIMITS: what one move may add, per component
+from stream import KEYS as STREAM_KEYS, MOVE_LIMITS as LIMITS, OFFSET_LIMITS, WRAP   # LIMITS: what one move may add
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 KEYS = "".join(STREAM_KEYS) + "r"                # every key but q
@@ -280,11 +280,11 @@ def send_commands(server, n, senders, seed=0):
 
 def camera_bounds(samples, poses, zoom):
     """The camera state stays bounded: every sampled offset within stream.py's limits, every logged
-    pose finite with its translation under 10 scene units, every focal scale within [1/(1.5 M), 1.5 M]
+    pose finite with its translation under camera.MAX_TRANSLATION, every focal scale within [1/(1.5 M), 1.5 M]
     (M = camera.MAX_ZOOM; 1.5: the zoom presets). -> figures and the list of violations."""
     max_zoom = camera.MAX_ZOOM
     bad, worst = [], dict(orbit=0.0, yaw=0.0, pitch=0.0, dz=0.0, dy=0.0, zoom=0.0)
-    lim = dict(orbit=180.0, yaw=180.0, pitch=90.0, dz=2.0, dy=2.0, zoom=math.log(max_zoom))
+    lim = dict(OFFSET_LIMITS, **{k: 180.0 for k in WRAP})                 # wrapping angles stay within +-180
     for s in samples:
         for k, v in s["offset"].items():
             worst[k] = max(worst[k], abs(v))
@@ -294,7 +294,7 @@ def camera_bounds(samples, poses, zoom):
     finite = all(math.isfinite(v) for p in poses for row in p for v in row) and all(map(math.isfinite, zoom))
     if not finite:
         bad.append("a logged pose or focal scale is not finite")
-    if trans and max(trans) >= 10:
+    if trans and max(trans) >= camera.MAX_TRANSLATION:
         bad.append(f"a logged translation of {max(trans):.3g} scene units")
     if zoom and not 1 / (1.5 * max_zoom) - 1e-9 <= min(zoom) <= max(zoom) <= 1.5 * max_zoom + 1e-9:
         bad.append(f"focal scales {min(zoom):.3g} to {max(zoom):.3g}")
@@ -530,7 +530,7 @@ def main():
     p = ArgumentParser(description="stream.py --serve under load, or a long soak of the student.")
     p.add_argument("--soak", type=int, default=0, help="soak: stream this many frames instead of the load test")
     p.add_argument("--ckpt", type=str, default="", help="student checkpoint (default: the shipped one)")
-    p.add_argument("--steps", type=int, default=0, help="denoising steps (default: as trained)")
+    p.add_argument("--steps", type=int, default=0, help="denoising steps (default: the checkpoint's stream_steps, as stream.py)")
     p.add_argument("--traj", type=str, default="orbit", help="--traj of the stream")
     p.add_argument("--realtime", action="store_true", help="pace the built-in scene at its 8 frames/s")
     p.add_argument("--frames", type=int, default=0, help="load: stop at this frame (default: a q after the load)")
