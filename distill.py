@@ -397,7 +397,7 @@ class Run:
             fail(e)
         self.loops = LoopSampler(None, scfg.size, scenes=self.dataset.scenes) if args.loopaug > 0 else None
         try:
-            self.photos = PhotoClips(args.photos) if args.photos else None
+            self.photos = PhotoClips(args.photos, scfg.size) if args.photos else None
         except (OSError, ValueError) as e:
             fail(e)
         if rank == 0:
@@ -415,7 +415,7 @@ class Run:
         if self.loops and stage == "selfforcing" and u < args.loopaug:
             b = self.loops.batch(step, args.pairs, mp, args.seed, self.rank)
         elif self.photos and stage == "selfforcing" and u < args.loopaug + PHOTO_SHARE:
-            b = self.photos.batch(step, args.pairs, mp, S, args.seed, self.rank)
+            b = self.photos.batch(step, args.pairs, mp, args.seed, self.rank)
         elif self.dataset:
             b = self.dataset.batch(step, args.pairs, mp, args.seed, self.rank)
         else:

@@ -153,7 +153,8 @@ class PhotoClips:
     way), ramping in over the clip, a tenth of the clips static: the rendered truth is exact
     (render_view), and the pixels are real."""
 
-    def __init__(self, folder, side=256):
+    def __init__(self, folder, size, side=256):
+        self.size = size
         names = sorted(f for f in os.listdir(folder) if f.lower().endswith((".png", ".jpg", ".jpeg")))
         if not names:
             raise ValueError(f"no photographs (.png, .jpg) in {folder} (python real.py --fetch_photos {folder})")
@@ -162,7 +163,7 @@ class PhotoClips:
             x = data.to_model_frame(iio.imread(os.path.join(folder, name)))
             self.photos.append(F.interpolate(x[None], scale_factor=side / min(x.shape[-2:]), mode="area")[0])
 
-    def clip(self, g, T, size):
+    def clip(self, g, T):
         r = lambda lo, hi: lo + (hi - lo) * torch.rand(1, generator=g).item()
         wide = self.photos[int(torch.randint(len(self.photos), (1,), generator=g))]
         wide = (wide.flip(-1) if torch.rand(1, generator=g) < 0.5 else wide).expand(T, -1, -1, -1)
@@ -175,14 +176,14 @@ class PhotoClips:
         K = torch.tensor([fx, fx, 0.5, 0.5]).expand(T, 4)
         Kt = K.clone()
         Kt[:, :2] *= zoom[:, None]
-        return dict(src=render_view(wide, src, K, size), tgt=render_view(wide, src @ rel, Kt, size), rel=rel, K_src=K,
+        return dict(src=render_view(wide, src, K, self.size), tgt=render_view(wide, src @ rel, Kt, self.size), rel=rel, K_src=K,
                     K_tgt=Kt)
 
-    def batch(self, step, pairs, max_pairs, size, seed=0, rank=0):
+    def batch(self, step, pairs, max_pairs, seed=0, rank=0):
         """A batch of photo clips: a pure function of (seed, step, rank), T pairs a clip (1..max_pairs)."""
         g = data.rng(seed, step, rank, 7)    # tag 7: photographs
         T = int(torch.randint(1, max_pairs + 1, (1,), generator=g))
-        return data.collate([self.clip(g, T, size) for _ in range(max(1, pairs // T))])
+        return data.collate([self.clip(g, T) for _ in range(max(1, pairs // T))])
 
 
 def homography(rel, K_src, K_tgt, size):

