@@ -136,6 +136,20 @@ def covisibility(depth_src, depth_tgt, rel, K_src, K_tgt, tol=0.03, far=100.0):
     return inside & agree, uv * 2 - 1
 
 
+def plane_weights(rho, planes):
+    """Weights (..., K, H, W) over the fronto-parallel planes of inverse depth `planes` (sorted,
+    K >= 2) that place inverse depths rho (..., H, W) exactly: linear between the two planes
+    around rho (clamped to the planes' range), so sum_k w_k planes_k = rho. The warp head's plane
+    choice a true depth asks for (probe_depth.py)."""
+    P = torch.as_tensor(planes, dtype=rho.dtype, device=rho.device)
+    r = rho.clamp(P[0], P[-1]).contiguous()
+    j = torch.searchsorted(P, r, right=True).clamp(1, len(P) - 1)
+    a = ((r - P[j - 1]) / (P[j] - P[j - 1])).unsqueeze(-3)
+    d = r.dim() - 2                                                     # the planes' axis
+    w = torch.zeros(r.shape[:d] + (len(P),) + r.shape[d:], dtype=rho.dtype, device=rho.device)
+    return w.scatter(d, (j - 1).unsqueeze(d), 1 - a).scatter_add(d, j.unsqueeze(d), a)
+
+
 def warp_source(src, grid):
     """The depth-warp oracle: src (..., 3, H, W) bilinearly resampled at grid (..., H, W, 2)."""
     lead = src.shape[:-3]

@@ -214,3 +214,16 @@ def test_detail_ratio_sees_blur_and_grain():
     mixed = torch.cat([y[:, :2], blur[:, 2:]], 1)
     d = detail(mixed, y, by_frame=True)
     assert d.shape == (4,) and d[:2].min() > 0.99 and d[2:].max() < 0.3
+
+
+def test_plane_weights_place_the_inverse_depth_exactly():
+    """Linear between the two planes around rho: nonnegative, summing to 1, their mean plane is rho
+    (clamped to the planes' range), one-hot on a plane."""
+    planes = (0.0, 0.25, 0.5, 1.0, 3.0)
+    rho = torch.cat([torch.rand(2, 3, 4, 4) * 4 - 0.5, torch.tensor(planes).view(1, 1, 1, 5).expand(2, 3, 4, 5)], -1)
+    w = camera.plane_weights(rho, planes)
+    assert w.shape == (2, 3, 5, 4, 9) and (w >= 0).all()
+    assert torch.allclose(w.sum(2), torch.ones(2, 3, 4, 9))
+    assert torch.allclose((w * torch.tensor(planes).view(5, 1, 1)).sum(2), rho.clamp(0, 3), atol=1e-6)
+    assert ((w > 0).sum(2) <= 2).all()
+    assert torch.equal(w[..., 4:].argmax(2), torch.arange(5).expand(2, 3, 4, 5)) and (w[..., 4:].max(2).values == 1).all()

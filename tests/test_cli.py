@@ -166,7 +166,8 @@ sys.argv = [sys.argv[1]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
-SCRIPTS = OWN + ("gpu_run.py", "stream.py", "probe_dmd.py", "loadtest.py", "real.py", "hires.py")
+SCRIPTS = OWN + ("gpu_run.py", "stream.py", "probe_dmd.py", "probe_depth.py", "loadtest.py", "real.py",
+                  "hires.py")
 MOST_FLAGS = {"teacher.py": 25, "distill.py": 26}   # distill.py: 25 and --photos, which its ablation kept
 
 
@@ -183,7 +184,7 @@ def test_every_flag_has_help_text_that_gives_its_default():
         dumps = list(pool.map(parsed, SCRIPTS))
     for script, d in zip(SCRIPTS, dumps):
         flags = help_entries(d["help"])
-        assert len(flags) >= {"real.py": 2, "hires.py": 4}.get(script, 7), (script, flags)   # the help was read
+        assert len(flags) >= {"real.py": 2, "hires.py": 4, "probe_depth.py": 5}.get(script, 7), (script, flags)   # the help was read
         assert len([f for f in flags if not f.startswith("--no-")]) <= MOST_FLAGS.get(script, 99), (script, sorted(flags))
         for flag, text in flags.items():
             assert len(text) > 5, f"{script} {flag} has no help text"

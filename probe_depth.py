@@ -1,0 +1,102 @@
+"""
+What limits wide camera moves, measured: the warp head's depth. On validation scenes (eval.VAL_SEED,
+never eval.py's) for orbit, dolly, truck and pan, the model makes each clip (a student streams it
+at --steps with its KV cache; a teacher gives its one-step mean) and its warp head's outputs are
+kept. Against the true depth, on co-visible target pixels:
+- how far the head's expected inverse depth (sum_k w_k rho_k) is from the truth, and how sure
+  its choice is (the median of its largest plane weight);
+- the co-visible gain over copy as made, and with the head's plane weights replaced by the ones
+  the true depth asks for (camera.plane_weights; the same gate, the rest of the frame as made):
+  what a right depth would add to this very network. Pan turns the camera: every plane lands on
+  the same source pixel there, so its depth is free and its two gains agree.
+
+    python probe_depth.py --ckpt checkpoints/student_small.pt
+"""
+import json
+
+import torch
+
+import camera
+from common import ArgumentParser, fail
+from eval import VAL_SEED, detail, heldout_batch, nanmean, psnr, rays
+from model import (KVCache, decode_target, frame_cond, load_model, student_chunk, teacher_sample,
+                   warp_term)
+
+FAMILIES = ("orbit", "dolly", "truck", "pan")
+
+
+def parse_args():
+    p = ArgumentParser(description="The warp head's depth against the truth, and what the true depth would add.")
+    p.add_argument("--ckpt", type=str, default="checkpoints/student_small.pt", help="student or teacher checkpoint")
+    p.add_argument("--clips", type=int, default=4, help="clips a family")
+    p.add_argument("--frames", type=int, default=8, help="frames a clip")
+    p.add_argument("--steps", type=int, default=1, help="student sampling steps")
+    p.add_argument("--out", type=str, default=None, help="JSON file for the figures (default: print only)")
+    return p.parse_args()
+
+
+@torch.no_grad()
+def made(model, src, cam_src, cam_tgt, steps, student):
+    """The model's targets in diffusion space (B, T, 3, H, W) and its warp head's outputs
+    (B, T, K + 1, H, W) for them."""
+    (B, T), gen = src.shape[:2], torch.Generator().manual_seed(0)
+    if not student:                                                     # the one-step mean: t = 1
+        x0 = teacher_sample(model, src, cam_src, cam_tgt, 1, noise=torch.randn(src.shape, generator=gen))
+        o = model.last_warp.view(B, 2 * T, -1, *src.shape[-2:])[:, T:]
+        return x0 - src if model.cfg.residual else x0, o
+    cache, xs, heads = KVCache(model.cfg), [], []
+    for i in range(T):
+        sl = slice(i, i + 1)
+        noise = torch.randn((steps, B, 1) + src.shape[2:], generator=gen)
+        xs.append(student_chunk(model, cache, src[:, sl], cam_src[:, sl], cam_tgt[:, sl], range(i, i + 1), steps,
+                                noise, heads=heads))
+    return torch.cat(xs, 1), torch.stack(heads, 1).view(B, T, -1, *src.shape[-2:])
+
+
+def probe(model, fam, args, student):
+    cfg, planes = model.cfg, torch.tensor(model.cfg.warp)
+    K = len(planes)
+    b = heldout_batch(fam, args.clips, args.frames, cfg.size, VAL_SEED)
+    src, y = b["src"], b["tgt"]
+    cam_src, cam_tgt = rays(b, cfg.size, "cpu")
+    x0, o = made(model, src, cam_src, cam_tgt, args.steps, student)
+    covis, _ = camera.covisibility(b["depth_src"], b["depth_tgt"], b["rel"], b["K_src"], b["K_tgt"])
+    _, rho, _ = camera.reproject(b["depth_tgt"], b["rel"], b["K_src"], b["K_tgt"])
+    w = o[:, :, :K].softmax(2)
+    w_true = camera.plane_weights(rho, cfg.warp)
+    err = ((w * planes.view(-1, 1, 1)).sum(2) - rho.clamp(0, cfg.warp[-1])).abs()[covis]
+    cond, k_src = frame_cond(cfg, src, cam_tgt), camera.source_intrinsics(cam_src)
+    term = lambda wk: warp_term(torch.cat([wk.clamp(min=1e-12).log(), o[:, :, K:]], 2).flatten(0, 1), cond, k_src, cfg.warp)
+    x = decode_target(x0, src, cfg)
+    x_true = decode_target(x0 - term(w) + term(w_true), src, cfg)
+    copy = nanmean(psnr(src, y, covis))
+    return dict(rho_err=err.median().item(), within=(err < 0.125).float().mean().item(),
+                top=w.max(2).values[covis].median().item(),
+                gain=nanmean(psnr(x, y, covis)) - copy, gain_true_depth=nanmean(psnr(x_true, y, covis)) - copy,
+                detail=detail(x, y).mean().item(), detail_true_depth=detail(x_true, y).mean().item())
+
+
+def main():
+    args = parse_args()
+    try:
+        model, ckpt = load_model(args.ckpt)
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"cannot load {args.ckpt}: {e}")
+    if not model.cfg.warp:
+        fail(f"{args.ckpt} has no warp head (its config's warp is empty)")
+    student = "student" in ckpt
+    print(f"{args.ckpt}: {'student, %d step(s)' % args.steps if student else 'teacher, one-step mean'}; "
+          f"validation scenes, {args.clips} clips x {args.frames} frames a family; co-visible pixels")
+    print("family | |rho - true| median | within 0.125 | top weight | gain over copy: as made / true depth | detail: as made / true depth")
+    res = {}
+    for fam in FAMILIES:
+        r = res[fam] = probe(model, fam, args, student)
+        print(f"{fam} | {r['rho_err']:.3f} | {r['within']:.2f} | {r['top']:.2f} | {r['gain']:+.2f} / "
+              f"{r['gain_true_depth']:+.2f} | {r['detail']:.2f} / {r['detail_true_depth']:.2f}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
