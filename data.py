@@ -69,18 +69,19 @@ def clip_length(step, max_pairs, seed=0):
     return int(torch.randint(1, max_pairs + 1, (1,), generator=rng(seed, step, 0)))
 
 
-def synthetic_batch(step, pairs, max_pairs, H, W, seed=0, rank=0, p_static=P_STATIC, device="cpu"):
+def synthetic_batch(step, pairs, max_pairs, H, W, seed=0, rank=0, p_static=P_STATIC, device="cpu", depth=False):
     """The batch of training step `step`: a pure function of (seed, step, rank), so resumed runs
     see exactly the data an uninterrupted run would. T pairs a clip (clip_length: shared by all
     ranks) and pairs // T clips, so every step carries about the same number of tokens.
     Rendered on `device` (the training device: rendering on the CPU would starve a GPU), all
-    clips in one batched pass."""
+    clips in one batched pass; with depth, also depth_src and depth_tgt (the same pixels)."""
     g = rng(seed, step, rank)
     T = int(torch.randint(1, max_pairs + 1, (1,), generator=g))   # rank 0's draw is every rank's T
     T = clip_length(step, max_pairs, seed) if rank else T
     B = max(1, pairs // T)
     seeds = torch.randint(0, 2 ** 31 - 1, (B,), generator=g).tolist()   # training scenes < 2**31
-    return collate(render_clips([sample_spec(s, T, p_static) for s in seeds], H, W, depth=False, device=device))
+    keys = ("src", "tgt", "rel", "K_src", "K_tgt") + (("depth_src", "depth_tgt") if depth else ())
+    return collate(render_clips([sample_spec(s, T, p_static) for s in seeds], H, W, depth=depth, device=device), keys)
 
 # -----------------------------------------------------------------------------
 # video I/O (PyAV through imageio): frame-by-frame, centre-crop + resize

@@ -378,9 +378,10 @@ class RealCamDiT(nn.Module):
 
     def warp(self, h, cam, k_src):
         """The warp head's term (B, F, 3, H, W) for tokens h: its plane logits and gate, a pixel
-        (the last kept as self.last_warp (BF, K + 1, H, W) for hires.py), turned into pixels by warp_term."""
+        (the last kept as self.last_warp (BF, K + 1, H, W), with its gradient when there is one:
+        hires.py, teacher.py's depth term), turned into pixels by warp_term."""
         o = self.unpatchify(self.warp_out(h)).flatten(0, 1)                      # (BF, K + 1, H, W)
-        self.last_warp = o.detach()
+        self.last_warp = o
         return warp_term(o, cam, k_src, self.cfg.warp)
 
     def forward_frames(self, x, cam, t, time, role, causal, cache=None, write=False, k_src=None):

@@ -14,6 +14,10 @@ drawn logit-normal/uniform and shifted toward noise, x_t = (1 - t) x0 + t e; the
 predicts x0 and the loss is the velocity error over target tokens only,
 || x0_theta - x0 ||^2 / max(t, t_min)^2. AdamW, linear warmup then cosine decay, gradient
 clipping, an EMA of the weights; a held-out evaluation every --eval_every steps.
+On the synthetic stream, which renders depth, the warp head is also told the depth: --depth_loss
+x the cross-entropy between its plane weights and the ones the true depth asks for
+(camera.plane_weights), on co-visible target pixels of the clips that kept their camera
+(docs/results.md, What limits wide moves).
 """
 import argparse
 import copy
@@ -65,6 +69,9 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=200, help="linear warmup (steps)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (L2 norm)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights (per step)")
+    p.add_argument("--depth_loss", type=float, default=0.05,
+                   help="weight of the warp head's depth term (cross-entropy of its plane weights against the true "
+                        "depth's, co-visible target pixels); the synthetic stream only: a dataset on disk has no depth")
     p.add_argument("--cond_drop", type=float, default=0.1,
                    help="share of clips trained without their camera (zero rays), for classifier-free guidance "
                         "(model.teacher_sample, distill.py --guidance), 0..1")
@@ -87,7 +94,9 @@ def parse_args():
         fail(f"unknown --preset '{args.preset}': choose from {', '.join(PRESETS)}")
     if args.minutes is not None and not args.minutes > 0:
         fail(f"--minutes must be positive, got {args.minutes}")
-    check_finite(args, ("lr", "clip", "minutes"))
+    check_finite(args, ("lr", "clip", "minutes", "depth_loss"))
+    if args.depth_loss < 0:
+        fail(f"--depth_loss is a weight, 0 or more, got {args.depth_loss}")
     if not (args.lr > 0 and args.clip > 0 and 0 <= args.ema < 1):
         fail("--lr and --clip must be positive, --ema in [0, 1)")
     if not 0 <= args.cond_drop < 1:
@@ -144,21 +153,39 @@ def progress(step, seconds, args):
 
 
 def get_batch(step, args, cfg, dataset, rank):
-    """The step's batch on the training device (the synthetic world is rendered there)."""
+    """The step's batch on the training device (the synthetic world is rendered there): src, tgt,
+    cam_src, cam_tgt and, when the depth term is on, depth_target's (weights, mask), else None."""
     if dataset:
         b = dataset.batch(step, args.pairs, args.max_pairs, args.seed, rank)
         b = {k: v.to(args.device) for k, v in b.items()}
     else:
         b = data.synthetic_batch(step, args.pairs, args.max_pairs, cfg.size, cfg.size, args.seed, rank, args.static_share,
-                                 args.device)
+                                 args.device, depth=bool(args.depth_loss and cfg.warp))
     cam_src, cam_tgt = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], cfg.size, cfg.size)
-    return b["src"], b["tgt"], cam_src, cam_tgt
+    return b["src"], b["tgt"], cam_src, cam_tgt, depth_target(b, cfg.warp) if "depth_tgt" in b else None
+
+
+def depth_target(b, planes):
+    """What the warp head's plane weights should be: (weights (B, T, K, H, W) that place each
+    target pixel's true inverse depth in the source camera, camera.plane_weights; co-visible
+    pixels (B, T, H, W), the only ones whose depth the source shows)."""
+    covis, _ = camera.covisibility(b["depth_src"], b["depth_tgt"], b["rel"], b["K_src"], b["K_tgt"])
+    _, rho, _ = camera.reproject(b["depth_tgt"], b["rel"], b["K_src"], b["K_tgt"])
+    return camera.plane_weights(rho, planes), covis
+
+
+def depth_loss(logits, target, mask):
+    """Cross-entropy of plane logits (B, T, K, H, W) against target weights, the mean over the
+    mask's pixels (B, T, H, W) (0 when none); its least is the targets' own entropy."""
+    ce = -(target * logits.float().log_softmax(2)).sum(2)
+    return (ce * mask).sum() / mask.sum().clamp(min=1)
 
 
 def train_step(net, model, ema, optim, batch, step, lr, args, rank):
-    """One optimization step of the flow loss on target tokens, then the EMA. Returns the loss
-    and the gradient norm before clipping."""
-    src, tgt, cam_src, cam_tgt = batch
+    """One optimization step of the flow loss on target tokens (and the depth term with a depth
+    target), then the EMA. Returns the loss, the gradient norm before clipping and the depth
+    term (None without)."""
+    src, tgt, cam_src, cam_tgt, depth = batch
     B, T = src.shape[:2]
     cfg = model.cfg
     g = data.rng(args.seed, step, rank, 1)
@@ -170,7 +197,14 @@ def train_step(net, model, ema, optim, batch, step, lr, args, rank):
         cam_tgt = torch.where(drop[:, None, None, None, None], null_camera(cam_tgt), cam_tgt)
     with autocast_for(args.device):
         out = net(src, add_noise(x0, e, t), cam_src, cam_tgt, t)
-    loss = flow_loss(out, x0, t, cfg).mean()
+    loss, dterm = flow_loss(out, x0, t, cfg).mean(), None
+    if depth is not None:
+        w, mask = depth
+        if args.cond_drop:                                               # no camera, no depth to tell
+            mask = mask & ~drop[:, None, None, None]
+        K = len(cfg.warp)
+        dterm = depth_loss(model.last_warp.view(B, 2 * T, K + 1, *x0.shape[-2:])[:, T:, :K], w, mask)
+        loss = loss + args.depth_loss * dterm
     for group in optim.param_groups:
         group["lr"] = lr
     optim.zero_grad(set_to_none=True)
@@ -178,7 +212,7 @@ def train_step(net, model, ema, optim, batch, step, lr, args, rank):
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
     optim.step()
     ema_update(ema, model, step, args.ema)
-    return loss, gnorm
+    return loss, gnorm, dterm
 
 
 def evaluate(ema, step, args, t_start):
@@ -285,7 +319,7 @@ def train(args, net, model, ema, optim, dataset, start, best, trained_s, ddp, ra
             torch.cuda.synchronize()
         t1 = time.time()
         lr = lr_at(step, progress(step, used, args), args)
-        loss, gnorm = train_step(net, model, ema, optim, batch, step, lr, args, rank)
+        loss, gnorm, dterm = train_step(net, model, ema, optim, batch, step, lr, args, rank)
         if nonfinite(loss, gnorm):
             bad = (step, loss.item(), gnorm.item())
         if cuda:
@@ -294,6 +328,7 @@ def train(args, net, model, ema, optim, dataset, start, best, trained_s, ddp, ra
         times.append((dt_data, dt, T, B))
         if master:
             msg = step_line(step, loss, gnorm, lr, T, B, dt_data, dt, world, cfg, peak, args)
+            msg += f" | depth {dterm.item():.3f}" if dterm is not None else ""
             bar.describe(f"loss {loss.item():.4f}")
             with open(os.path.join(args.out, "log.txt"), "a") as f:
                 f.write(msg + "\n")

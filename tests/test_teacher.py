@@ -1,6 +1,7 @@
 """teacher.py's GPU-path items: a time-boxed run (--minutes) evaluated once when its time is up,
 the data rendered on the training device, clear errors for bad flags."""
 import json
+import math
 import os
 import time
 
@@ -40,6 +41,8 @@ def test_time_boxed_run_saves_evaluates_and_stops(script, tmp_path, device):
     # slow first step (CUDA start-up) moves
     assert len(lr) == steps and lr[-1] < 1e-4 and all(a >= b for a, b in zip(lr[2:], lr[3:]))
     assert all("data" in f[5] and "step" in f[6] for f in log)               # data timed apart from the step
+    depth = [float(f[-1].split()[1]) for f in log]                           # the warp head's depth term (synthetic stream)
+    assert all(f[-1].startswith("depth ") for f in log) and 0 < depth[0] <= math.log(len(WARP_PLANES)) + 1e-4
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -47,7 +50,8 @@ def test_time_boxed_run_saves_evaluates_and_stops(script, tmp_path, device):
     (["--device", "gpu"], "--device gpu: use cpu, cuda or cuda:N"), (["--device", "cuda:7"], "--device cuda:7"),
     (["--patch", 5], "--patch 5 must divide the frame size 16"), (["--dim", 80], "--dim 80 must be a multiple of 16 x heads = 32"),
     (["--depth", 0], "--depth must be at least 1"), (["--heads", 8], "--dim 64 must be a multiple of 16 x heads = 128"),
-    (["--lr", 0], "--lr and --clip must be positive"), (["--warp"], "unrecognized arguments: --warp")])
+    (["--lr", 0], "--lr and --clip must be positive"), (["--warp"], "unrecognized arguments: --warp"),
+    (["--depth_loss", -1], "--depth_loss is a weight, 0 or more"), (["--depth_loss", "nan"], "--depth_loss")])
 def test_bad_flags_fail_clearly(script, tmp_path, flags, message):
     r = script("teacher.py", "--preset", "tiny", "--out", str(tmp_path / "r"), *flags, ok=False, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr

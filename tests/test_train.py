@@ -36,6 +36,54 @@ def test_tiny_teacher_overfits_one_batch():
     assert losses[-1] < losses[0] / 10, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
+def test_depth_term_known_answers():
+    """teacher.depth_loss: the targets' own entropy at logits log(target) (its least), log K at
+    uniform logits, masked pixels left out, 0 with no pixel."""
+    from teacher import depth_loss
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(2, 3, 5, 4, 4, generator=g).softmax(2)
+    mask = torch.rand(2, 3, 4, 4, generator=g) > 0.3
+    ent = -(w * w.log()).sum(2)
+    assert torch.allclose(depth_loss(w.log(), w, mask), ent[mask].mean())
+    assert torch.allclose(depth_loss(torch.zeros_like(w), w, mask), torch.tensor(5.0).log())
+    assert depth_loss(torch.randn(w.shape, generator=g), w, mask) > ent[mask].mean()
+    junk = w.log().clone()
+    junk[:, :, :, ~mask[0, 0]] = 50.0                                        # masked pixels do not count
+    assert torch.allclose(depth_loss(junk, w, mask.logical_and(mask[:1, :1])), depth_loss(w.log(), w, mask.logical_and(mask[:1, :1])))
+    assert depth_loss(w.log(), w, torch.zeros_like(mask)) == 0
+
+
+def test_depth_term_teaches_the_warp_head_the_depth():
+    """On one synthetic batch rendered with depth, the depth term alone (teacher.train_step's: the
+    warp head's plane logits kept with their gradient, model.last_warp) falls to near its least,
+    the entropy of the true depth's weights; the head's mean inverse depth moves to the truth."""
+    from teacher import depth_loss, depth_target
+    torch.manual_seed(0)
+    cfg, S = TINY, TINY.size
+    m = RealCamDiT(cfg)
+    b = data.synthetic_batch(0, 4, 2, S, S, depth=True)
+    w, mask = depth_target(b, cfg.warp)
+    B, T, K = *b["src"].shape[:2], len(cfg.warp)
+    assert mask.float().mean() > 0.3 and torch.allclose(w.sum(2), torch.ones(B, T, S, S))
+    cs, ct = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
+    x0, t = encode_target(b["tgt"], b["src"], cfg), torch.full((B, T), 0.5)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    least = depth_loss(w.clamp(min=1e-12).log(), w, mask).item()
+    P = torch.tensor(cfg.warp).view(K, 1, 1)
+    err = lambda o: ((o.softmax(2) * P).sum(2) - (w * P).sum(2)).abs()[mask].mean().item()
+    losses, errs = [], []
+    for _ in range(150):
+        m(b["src"], add_noise(x0, torch.zeros_like(x0), t), cs, ct, t)
+        o = m.last_warp.view(B, 2 * T, K + 1, S, S)[:, T:, :K]
+        loss = depth_loss(o, w, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item()), errs.append(err(o.detach()))
+    assert losses[0] > least + 0.5 and losses[-1] < least + 0.25, (least, losses[0], losses[-1])
+    assert errs[-1] < errs[0] / 3, (errs[0], errs[-1])
+
+
 def teacher(script, out, *extra, device="cpu", ok=True):
     return script("teacher.py", "--preset", "tiny", "--out", out, "--pairs", 4, "--max_pairs", 3,
                   "--eval_every", 4, "--eval_steps", 2, "--save_every", 100, "--warmup", 2, "--device", device, *extra,
@@ -91,7 +139,8 @@ def test_teacher_eval_data_end_to_end(script, tmp_path, device):
     assert scene["frames"].shape == (3, 5, 3, 16, 16) and scene["c2w"].shape == (3, 5, 4, 4)
     # teacher on the on-disk dataset, with a periodic evaluation and sample video
     r = teacher(script, run, "--max_steps", 5, "--data", d, device=device)
-    assert "eval 4" in r.stdout + r.stderr and "step 4/5" in open(os.path.join(run, "log.txt")).read()
+    log = open(os.path.join(run, "log.txt")).read()
+    assert "eval 4" in r.stdout + r.stderr and "step 4/5" in log and "| depth" not in log   # no depth on disk: no depth term
     for f in ("ckpt.pt", "sample.mp4", "sample.png"):
         assert os.path.isfile(os.path.join(run, f)), f
     # eval.py on the result: a table and a JSON with every family
