@@ -45,12 +45,12 @@ def made(model, src, cam_src, cam_tgt, steps, student):
         o = model.last_warp.view(B, 2 * T, -1, *src.shape[-2:])[:, T:]
         return x0 - src if model.cfg.residual else x0, o
     cache, xs, heads = KVCache(model.cfg), [], []
-    for i in range(T):
-        sl = slice(i, i + 1)
-        noise = torch.randn((steps, B, 1) + src.shape[2:], generator=gen)
-        xs.append(student_chunk(model, cache, src[:, sl], cam_src[:, sl], cam_tgt[:, sl], range(i, i + 1), steps,
-                                noise, heads=heads))
-    return torch.cat(xs, 1), torch.stack(heads, 1).view(B, T, -1, *src.shape[-2:])
+    for c0 in range(0, T, model.cfg.chunk):                             # chunk by chunk, as it streams
+        sl = slice(c0, min(T, c0 + model.cfg.chunk))
+        noise = torch.randn((steps, B, sl.stop - sl.start) + src.shape[2:], generator=gen)
+        xs.append(student_chunk(model, cache, src[:, sl], cam_src[:, sl], cam_tgt[:, sl], range(sl.start, sl.stop),
+                                steps, noise, heads=heads))
+    return torch.cat(xs, 1), torch.cat([o.view(B, -1, *o.shape[1:]) for o in heads], 1)
 
 
 def probe(model, fam, args, student):

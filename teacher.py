@@ -211,6 +211,7 @@ def train_step(net, model, ema, optim, batch, step, lr, args, rank):
     loss.backward()
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
     optim.step()
+    model.last_warp = None                  # no graph kept between steps (and the model stays deep-copyable)
     ema_update(ema, model, step, args.ema)
     return loss, gnorm, dterm
 

@@ -28,10 +28,11 @@ def open_head(cfg=CFG):
     return m
 
 
-@pytest.mark.parametrize("student", [True, False])
-def test_the_true_depth_turns_an_open_head_into_the_depth_warp(student):
+@pytest.mark.parametrize("cfg,student", [(CFG, True), (replace(CFG, chunk=2, window=2), True), (replace(CFG, window=0), False)])
+def test_the_true_depth_turns_an_open_head_into_the_depth_warp(cfg, student):
+    """A student streamed a chunk at a time (of 1 or 2 pairs), a teacher's one-step mean."""
     args = Namespace(clips=2, frames=4, steps=1)
-    m = open_head(CFG if student else replace(CFG, window=0))
+    m = open_head(cfg)
     r = probe_depth.probe(m, "orbit", args, student)
     b = E.heldout_batch("orbit", 2, 4, CFG.size, E.VAL_SEED)
     v = E.view_metrics(b["src"], b)

@@ -84,6 +84,46 @@ def test_depth_term_teaches_the_warp_head_the_depth():
     assert errs[-1] < errs[0] / 3, (errs[0], errs[-1])
 
 
+def test_train_step_adds_the_weighted_depth_term_of_the_targets_that_kept_their_camera():
+    """teacher.train_step with a depth target: its loss is the flow loss plus --depth_loss x the
+    term, and the term is depth_loss on the TARGET frames' plane logits over co-visible pixels of
+    the clips whose camera was not dropped (the same draws of e, t and the drop as the step's)."""
+    import copy
+    from argparse import Namespace
+    import teacher
+    from model import null_camera, sample_t
+    torch.manual_seed(0)
+    cfg, S = TINY, TINY.size
+    b = data.synthetic_batch(3, 8, 3, S, S, depth=True)
+    cs, ct = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
+    w, mask = teacher.depth_target(b, cfg.warp)
+    batch = (b["src"], b["tgt"], cs, ct, (w, mask))
+    args = Namespace(seed=0, cond_drop=0.5, depth_loss=0.7, device="cpu", clip=1.0, ema=0.999)
+    m = RealCamDiT(cfg)
+    with torch.no_grad():
+        m.warp_out.weight.normal_(0, 0.5)                                    # a head with opinions
+    ref = copy.deepcopy(m)
+    (B, T), K = b["src"].shape[:2], len(cfg.warp)
+    g = data.rng(0, 5, 0, 1)                                                 # train_step's draws at step 5
+    x0 = encode_target(b["tgt"], b["src"], cfg)
+    e = torch.randn(x0.shape, generator=g)
+    t = sample_t((B, 1), cfg.shift, g).expand(B, T)
+    drop = torch.rand(B, generator=g) < args.cond_drop
+    assert drop.any() and not drop.all()
+    with torch.no_grad():
+        out = ref(b["src"], add_noise(x0, e, t), cs, torch.where(drop[:, None, None, None, None], null_camera(ct), ct), t)
+        o = ref.last_warp.view(B, 2 * T, K + 1, S, S)[:, T:, :K]
+        want = teacher.depth_loss(o, w, mask & ~drop[:, None, None, None])
+        flow = flow_loss(out, x0, t, cfg).mean()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    loss, _, dterm = teacher.train_step(m, m, copy.deepcopy(m), opt, batch, 5, 1e-4, args, 0)
+    assert torch.allclose(dterm, want, atol=1e-5) and torch.allclose(loss, flow + 0.7 * want, atol=1e-5)
+    assert not torch.allclose(want, teacher.depth_loss(o, w, mask), atol=1e-3)      # the drop matters here
+    assert m.last_warp is None                                                  # no graph kept after the step
+    _, _, none = teacher.train_step(m, m, copy.deepcopy(m), opt, batch[:4] + (None,), 6, 1e-4, args, 0)
+    assert none is None
+
+
 def teacher(script, out, *extra, device="cpu", ok=True):
     return script("teacher.py", "--preset", "tiny", "--out", out, "--pairs", 4, "--max_pairs", 3,
                   "--eval_every", 4, "--eval_steps", 2, "--save_every", 100, "--warmup", 2, "--device", device, *extra,
