@@ -150,6 +150,16 @@ def plane_weights(rho, planes):
     return w.scatter(d, (j - 1).unsqueeze(d), 1 - a).scatter_add(d, j.unsqueeze(d), a)
 
 
+def plane_target(b, planes):
+    """What the warp head's plane weights should be for a batch with depth (depth_src, depth_tgt,
+    rel, K_src, K_tgt): the weights (..., K, H, W) that place each target pixel's true inverse
+    depth in the source camera (plane_weights), and the co-visible pixels (..., H, W), the only
+    ones whose depth the source shows. teacher.py's depth term, probe_depth.py."""
+    covis, _ = covisibility(b["depth_src"], b["depth_tgt"], b["rel"], b["K_src"], b["K_tgt"])
+    _, rho, _ = reproject(b["depth_tgt"], b["rel"], b["K_src"], b["K_tgt"])
+    return plane_weights(rho, planes), covis
+
+
 def warp_source(src, grid):
     """The depth-warp oracle: src (..., 3, H, W) bilinearly resampled at grid (..., H, W, 2)."""
     lead = src.shape[:-3]

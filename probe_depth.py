@@ -60,11 +60,10 @@ def probe(model, fam, args, student):
     src, y = b["src"], b["tgt"]
     cam_src, cam_tgt = rays(b, cfg.size, "cpu")
     x0, o = made(model, src, cam_src, cam_tgt, args.steps, student)
-    covis, _ = camera.covisibility(b["depth_src"], b["depth_tgt"], b["rel"], b["K_src"], b["K_tgt"])
-    _, rho, _ = camera.reproject(b["depth_tgt"], b["rel"], b["K_src"], b["K_tgt"])
+    w_true, covis = camera.plane_target(b, cfg.warp)
     w = o[:, :, :K].softmax(2)
-    w_true = camera.plane_weights(rho, cfg.warp)
-    err = ((w * planes.view(-1, 1, 1)).sum(2) - rho.clamp(0, cfg.warp[-1])).abs()[covis]
+    mean_rho = lambda wk: (wk * planes.view(-1, 1, 1)).sum(2)                 # the true one: rho in the planes' range
+    err = (mean_rho(w) - mean_rho(w_true)).abs()[covis]
     cond, k_src = frame_cond(cfg, src, cam_tgt), camera.source_intrinsics(cam_src)
     term = lambda wk: warp_term(torch.cat([wk.clamp(min=1e-12).log(), o[:, :, K:]], 2).flatten(0, 1), cond, k_src, cfg.warp)
     x = decode_target(x0, src, cfg)

@@ -154,7 +154,7 @@ def progress(step, seconds, args):
 
 def get_batch(step, args, cfg, dataset, rank):
     """The step's batch on the training device (the synthetic world is rendered there): src, tgt,
-    cam_src, cam_tgt and, when the depth term is on, depth_target's (weights, mask), else None."""
+    cam_src, cam_tgt and, when the depth term is on, camera.plane_target's (weights, mask), else None."""
     if dataset:
         b = dataset.batch(step, args.pairs, args.max_pairs, args.seed, rank)
         b = {k: v.to(args.device) for k, v in b.items()}
@@ -162,16 +162,7 @@ def get_batch(step, args, cfg, dataset, rank):
         b = data.synthetic_batch(step, args.pairs, args.max_pairs, cfg.size, cfg.size, args.seed, rank, args.static_share,
                                  args.device, depth=bool(args.depth_loss and cfg.warp))
     cam_src, cam_tgt = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], cfg.size, cfg.size)
-    return b["src"], b["tgt"], cam_src, cam_tgt, depth_target(b, cfg.warp) if "depth_tgt" in b else None
-
-
-def depth_target(b, planes):
-    """What the warp head's plane weights should be: (weights (B, T, K, H, W) that place each
-    target pixel's true inverse depth in the source camera, camera.plane_weights; co-visible
-    pixels (B, T, H, W), the only ones whose depth the source shows)."""
-    covis, _ = camera.covisibility(b["depth_src"], b["depth_tgt"], b["rel"], b["K_src"], b["K_tgt"])
-    _, rho, _ = camera.reproject(b["depth_tgt"], b["rel"], b["K_src"], b["K_tgt"])
-    return camera.plane_weights(rho, planes), covis
+    return b["src"], b["tgt"], cam_src, cam_tgt, camera.plane_target(b, cfg.warp) if "depth_tgt" in b else None
 
 
 def depth_loss(logits, target, mask):

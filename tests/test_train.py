@@ -57,12 +57,12 @@ def test_depth_term_teaches_the_warp_head_the_depth():
     """On one synthetic batch rendered with depth, the depth term alone (teacher.train_step's: the
     warp head's plane logits kept with their gradient, model.last_warp) falls to near its least,
     the entropy of the true depth's weights; the head's mean inverse depth moves to the truth."""
-    from teacher import depth_loss, depth_target
+    from teacher import depth_loss
     torch.manual_seed(0)
     cfg, S = TINY, TINY.size
     m = RealCamDiT(cfg)
     b = data.synthetic_batch(0, 4, 2, S, S, depth=True)
-    w, mask = depth_target(b, cfg.warp)
+    w, mask = camera.plane_target(b, cfg.warp)
     B, T, K = *b["src"].shape[:2], len(cfg.warp)
     assert mask.float().mean() > 0.3 and torch.allclose(w.sum(2), torch.ones(B, T, S, S))
     cs, ct = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
@@ -96,7 +96,7 @@ def test_train_step_adds_the_weighted_depth_term_of_the_targets_that_kept_their_
     cfg, S = TINY, TINY.size
     b = data.synthetic_batch(3, 8, 3, S, S, depth=True)
     cs, ct = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
-    w, mask = teacher.depth_target(b, cfg.warp)
+    w, mask = camera.plane_target(b, cfg.warp)
     batch = (b["src"], b["tgt"], cs, ct, (w, mask))
     args = Namespace(seed=0, cond_drop=0.5, depth_loss=0.7, device="cpu", clip=1.0, ema=0.999)
     m = RealCamDiT(cfg)
