@@ -355,6 +355,9 @@ def main():
         fail(e)
     if args.resume and not ckpt and master:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
+    was = ckpt and ckpt.get("args", {}).get("depth_loss", 0.0)        # runs saved before the term had none
+    if ckpt and was != args.depth_loss and master:
+        print(f"--resume: the run was trained with --depth_loss {was:g}; it goes on with {args.depth_loss:g}")
     if args.compile:
         compile_blocks(model)                          # per block, before DDP wraps the model
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model

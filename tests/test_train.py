@@ -138,13 +138,26 @@ def test_resume_continues_exactly(script, tmp_path):
     r = teacher(script, b, "--max_steps", 6, "--stop_at", 3)
     assert "stopped at step 3" in r.stdout
     assert load_checkpoint(os.path.join(b, "ckpt.pt"))["step"] == 3
-    teacher(script, b, "--max_steps", 6, "--resume")
+    assert "trained with --depth_loss" not in teacher(script, b, "--max_steps", 6, "--resume").stdout
     ca, cb = load_checkpoint(os.path.join(a, "ckpt.pt")), load_checkpoint(os.path.join(b, "ckpt.pt"))
     assert ca["step"] == cb["step"] == 6
     for key in ("model", "ema"):
         for k in ca[key]:
             assert torch.equal(ca[key][k], cb[key][k]), f"{key}.{k} differs"
     assert torch.equal(ca["optim"]["state"][0]["exp_avg"], cb["optim"]["state"][0]["exp_avg"])
+
+
+def test_resume_says_when_the_depth_weight_changes(script, tmp_path):
+    """A run resumed with another --depth_loss than it was trained with says so (a run saved before
+    the term existed counts as 0)."""
+    out = str(tmp_path / "r")
+    teacher(script, out, "--max_steps", 1, "--depth_loss", 0)
+    r = teacher(script, out, "--max_steps", 2, "--resume")
+    assert "--resume: the run was trained with --depth_loss 0; it goes on with 0.05" in r.stdout
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    del ckpt["args"]["depth_loss"]
+    torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+    assert "trained with --depth_loss 0;" in teacher(script, out, "--max_steps", 3, "--resume").stdout
 
 
 @pytest.mark.cpu_only
