@@ -14,6 +14,7 @@ capture and memory allocation never land in a timed row).
 Prints one table and writes runs/bench/bench.json (--out folder).
 """
 import argparse
+import copy
 import json
 import os
 import resource
@@ -23,13 +24,13 @@ from dataclasses import replace
 import torch
 
 import camera
-import data
 import hires
+import teacher
 from attention import KVCache, attention_pairs
 from common import (ArgumentParser, autocast_for, check_args, check_device, check_out_dir, default_device, fail,
                     hold_out_dir, peak_flops)
-from model import (PRESETS, SHIPPED_STUDENT, RealCamDiT, add_noise, compile_blocks, flops_per_forward, flow_loss,
-                   load_model, sample_t, student_chunk, teacher_sample)
+from model import (PRESETS, SHIPPED_STUDENT, RealCamDiT, compile_blocks, flops_per_forward, load_model, student_chunk,
+                   teacher_sample)
 
 p = ArgumentParser(description="RealCam-min speed benchmark.")
 p.add_argument("--preset", type=str, default="small", help=f"model preset (random weights) when --ckpt '': {', '.join(PRESETS)}")
@@ -149,34 +150,28 @@ rows[f"teacher {args.teacher_steps} steps"] = dict(ms_per_frame=1000 * dt / args
 # flat cost with the rolling cache: near frame 50 vs near frame --long of one stream
 near = lambda f: torch.tensor(stream(f + 10, 4, time_from=f)).median().item()
 t50, tlong = near(50), near(args.long)
-# training throughput: teacher.py's step on a batch rendered on the device, timed without it
+# training throughput: teacher.py's own step (its recipe: flow loss, the depth term, condition
+# dropout, clipping, EMA) on a batch rendered on the device, timed without it
 train = RealCamDiT(cfg).to(dev).train()
+ema = copy.deepcopy(train).requires_grad_(False)
 if args.compile:
     compile_blocks(train)
 opt = torch.optim.AdamW(train.parameters(), lr=1e-4)
-pairs = args.train_pairs or (64 if cuda else 16)
+targs = teacher.parse_args(["--out", args.out, "--device", args.device, "--max_pairs", "4",
+                            "--pairs", str(args.train_pairs or (64 if cuda else 16))])
 render_s = []
 for i in range(3):
     sync()
     t0 = time.perf_counter()
-    b = data.synthetic_batch(1, pairs, 4, S, S, device=dev)         # T drawn from 1..4
-    cs_b, ct_b = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
+    batch = teacher.get_batch(1, targs, cfg, None, 0)               # T drawn from 1..4
     sync()
     render_s.append(time.perf_counter() - t0)
-B, T = b["src"].shape[:2]
-x0, srcb = b["tgt"] - b["src"], b["src"]
+B, T = batch[0].shape[:2]
 times = []
 for i in range(6):                                                 # 2 untimed (compilation), 4 timed
     sync()
     t0 = time.perf_counter()
-    t = sample_t((B, 1), cfg.shift).expand(B, T).to(dev)
-    e = torch.randn_like(x0)
-    with autocast:
-        out = train(srcb, add_noise(x0, e, t), cs_b, ct_b, t)
-    loss = flow_loss(out, x0, t, cfg).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    teacher.train_step(train, train, ema, opt, batch, i, 1e-4, targs, 0)
     sync()
     if i >= 2:
         times.append(time.perf_counter() - t0)

@@ -44,7 +44,7 @@ WEIGHT_DECAY = 0.0      # AdamW's
 MIN_LR_FRAC = 0.1       # the cosine decays to this fraction of --lr
 
 
-def parse_args():
+def parse_args(argv=None):
     p = ArgumentParser(description="Train the RealCam-min bidirectional teacher.")
     # model and data
     p.add_argument("--preset", type=str, default=None,
@@ -87,7 +87,7 @@ def parse_args():
     p.add_argument("--device", type=str, default=default_device(), help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the transformer blocks (default: on for CUDA)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     check_args(args, positive=("pairs", "max_pairs", "max_steps", "eval_steps", "save_every", "dim", "depth", "heads", "patch"),
                nonneg=("warmup", "eval_every", "stop_at"))
     if args.preset is not None and args.preset not in PRESETS:
