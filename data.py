@@ -260,11 +260,15 @@ def side_by_side(*videos, gap=1):
 #   DIR/scene_00000/cameras.json              {"fps": 8.0, "width": W, "height": H, "frames": T,
 #                                              "cameras": [{"name": "cam00", "file": "cam00.mp4",
 #                                                           "K": [fx, fy, cx, cy] (normalized),
-#                                                           "c2w": [T x 4x4 OpenCV cam-to-world]}]}
+#                                                           "c2w": [T x 4x4 OpenCV cam-to-world]}],
+#                                              "depth": "depth.npy"}   (optional)
+#   DIR/scene_00000/depth.npy                 (optional) z-depth (C, T, H, W) float16, inf for sky:
+#                                              the warp head's depth target (teacher.py, distill.py)
 
-def write_scene(dirpath, frames, c2w, K, fps=FPS):
+def write_scene(dirpath, frames, c2w, K, fps=FPS, depth=None):
     """frames (C, T, 3, H, W), c2w (C, T, 4, 4), K (C, 4) -> one lossless mp4 per camera (the
-    pixels read back exactly, to 8 bits) + cameras.json."""
+    pixels read back exactly, to 8 bits) + cameras.json; depth (C, T, H, W), if given, ->
+    depth.npy (float16: 3 significant digits, what the plane weights need)."""
     os.makedirs(dirpath, exist_ok=True)
     C, T, _, H, W = frames.shape
     cams = []
@@ -273,13 +277,29 @@ def write_scene(dirpath, frames, c2w, K, fps=FPS):
         write_video(os.path.join(dirpath, name + ".mp4"), frames[c], fps, quality="lossless")   # training targets: exact
         cams.append(dict(name=name, file=name + ".mp4", K=K[c].tolist(), c2w=c2w[c].tolist()))
     meta = dict(fps=fps, width=W, height=H, frames=T, cameras=cams)
+    if depth is not None:
+        np.save(os.path.join(dirpath, "depth.npy"), depth.float().cpu().numpy().astype(np.float16))
+        meta["depth"] = "depth.npy"
     with open(os.path.join(dirpath, "cameras.json"), "w") as f:
         json.dump(meta, f)
 
 
+def load_depth(path, shape, size):
+    """A scene's depth.npy (C, T, H, W) -> float (C, T, size, size) (nearest: depth is not averaged
+    across an edge), or an error naming the file if it does not match the scene's videos."""
+    try:
+        z = torch.from_numpy(np.load(path).astype(np.float32))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read depth file {path}: {e}") from None
+    if z.ndim != 4 or z.shape[:2] != shape[:2] or z.shape[2] != z.shape[3]:
+        raise ValueError(f"depth file {path} has shape {tuple(z.shape)}; the scene's videos ask for "
+                         f"({shape[0]}, {shape[1]}, side, side)")
+    return F.interpolate(z, size=(size, size), mode="nearest") if size and size != z.shape[-1] else z
+
+
 def load_scene(dirpath, size=None):
     """Load one scene of the on-disk format -> dict(frames (C, T, 3, S, S), c2w (C, T, 4, 4),
-    K (C, 4), fps). Errors name the offending file."""
+    K (C, 4), fps, and depth (C, T, S, S) if the scene has it). Errors name the offending file."""
     meta_path = os.path.join(dirpath, "cameras.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"missing camera file: {meta_path}")
@@ -302,7 +322,10 @@ def load_scene(dirpath, size=None):
     if len(T) != 1:
         raise ValueError(f"cameras of {dirpath} have different frame counts: {sorted(T)}")
     check_cameras(meta_path, [c.get("name", c["file"]) for c in cams], c2ws, Ks)
-    return dict(frames=torch.stack(frames), c2w=torch.stack(c2ws), K=torch.stack(Ks), fps=meta.get("fps", FPS))
+    sc = dict(frames=torch.stack(frames), c2w=torch.stack(c2ws), K=torch.stack(Ks), fps=meta.get("fps", FPS))
+    if meta.get("depth"):
+        sc["depth"] = load_depth(os.path.join(dirpath, meta["depth"]), sc["frames"].shape, size)
+    return sc
 
 
 def check_cameras(meta_path, names, c2ws, Ks):
@@ -342,6 +365,7 @@ class MultiViewDataset:
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:   # PyAV decodes without the GIL
             self.scenes = list(tqdm(pool.map(lambda d: load_scene(d, size), dirs), total=len(dirs), unit="scene",
                                     desc=f"loading {root}", leave=False, disable=None))
+        self.depth = all("depth" in sc for sc in self.scenes)
 
     def clip(self, g, T):
         sc = self.scenes[int(torch.randint(len(self.scenes), (1,), generator=g))]
@@ -352,28 +376,35 @@ class MultiViewDataset:
         b = int(torch.randint(C, (1,), generator=g))
         f0 = int(torch.randint(0, N - T + 1, (1,), generator=g))
         sl = slice(f0, f0 + T)
-        return dict(src=sc["frames"][a, sl], tgt=sc["frames"][b, sl],
+        clip = dict(src=sc["frames"][a, sl], tgt=sc["frames"][b, sl],
                     rel=relative_pose(sc["c2w"][a, sl], sc["c2w"][b, sl]),
                     K_src=sc["K"][a].expand(T, 4), K_tgt=sc["K"][b].expand(T, 4))
+        if self.depth:
+            clip.update(depth_src=sc["depth"][a, sl], depth_tgt=sc["depth"][b, sl])
+        return clip
 
     def batch(self, step, pairs, max_pairs, seed=0, rank=0):
+        """src, tgt, rel, K_src, K_tgt and, when every scene has depth, depth_src and depth_tgt."""
         g = rng(seed, step, rank)
         T = int(torch.randint(1, max_pairs + 1, (1,), generator=g))
         T = clip_length(step, max_pairs, seed) if rank else T           # one T for all ranks
-        return collate([self.clip(g, T) for _ in range(max(1, pairs // T))])
+        keys = ("src", "tgt", "rel", "K_src", "K_tgt") + (("depth_src", "depth_tgt") if self.depth else ())
+        return collate([self.clip(g, T) for _ in range(max(1, pairs // T))], keys)
 
 
 def synth_multiview_scene(seed, n_cams, T, size, ss=2):
     """A scene of the synthetic world seen by n_cams synchronized cameras: camera 0 is a source
-    path, the others ride on it with random smooth relative paths."""
+    path, the others ride on it with random smooth relative paths. Returns frames (C, T, 3, S, S),
+    c2w (C, T, 4, 4), K (C, 4) and z-depth (C, T, S, S)."""
     g = torch.Generator().manual_seed(int(seed))
     base = source_path(T, g)
-    frames, c2ws = [], []
+    frames, c2ws, depth = [], [], []
     for c in range(n_cams):
         rel, _ = preset_path("static", T) if c == 0 else random_path(T, g)
         clip = render_clip(seed, T, size, size, rel=rel, src_c2w=base, ss=ss, gen=g)
-        frames.append(clip["tgt"]), c2ws.append(base @ rel)
-    return torch.stack(frames), torch.stack(c2ws), torch.tensor([1.0, 1.0, 0.5, 0.5]).repeat(n_cams, 1)
+        frames.append(clip["tgt"]), c2ws.append(base @ rel), depth.append(clip["depth_tgt"])
+    K = torch.tensor([1.0, 1.0, 0.5, 0.5]).repeat(n_cams, 1)
+    return torch.stack(frames), torch.stack(c2ws), K, torch.stack(depth)
 
 # -----------------------------------------------------------------------------
 # MultiCamVideo (synchronized rendered cameras a scene) -> the on-disk format
@@ -444,8 +475,8 @@ def main():
         return convert_multicam_all(args)
     preview = []
     for i in tqdm(range(args.scenes), desc="scenes"):
-        frames, c2w, K = synth_multiview_scene(args.seed + i, args.cams, args.frames, args.size)
-        write_scene(os.path.join(args.out, f"scene_{i:05d}"), frames, c2w, K)
+        frames, c2w, K, depth = synth_multiview_scene(args.seed + i, args.cams, args.frames, args.size)
+        write_scene(os.path.join(args.out, f"scene_{i:05d}"), frames, c2w, K, depth=depth)
         if i < 4:
             preview.append(torch.cat(list(frames), -1))                 # cameras side by side
     write_video(os.path.join(args.out, "preview.mp4"), torch.cat(preview, -2), FPS, upscale=4)

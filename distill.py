@@ -11,15 +11,16 @@ Distill the bidirectional many-step teacher into a few-step block-causal student
 
 Stage `causal` (OUT/causal.pt): the student starts from the teacher's weights with the
 block-causal mask and is fine-tuned with the flow-matching loss on ground-truth pairs, every chunk
-at its own noise level (some chunks clean, as the KV cache will hold them at inference).
+at its own noise level (some chunks clean, as the KV cache will hold them at inference), and
+teacher.py's depth term where the data has depth (the synthetic stream, data.py's datasets).
 Stage `selfforcing` (OUT/selfforcing.pt): the student generates the target chunk by chunk from its
 own KV cache (model.student_chunk) and one exit step per rollout keeps gradients. Two losses on
 the rollout: a reconstruction term against the true target (--recon, on by default: multi-view
 data has it) and DMD (--dmd, off by default), which compares the frozen teacher (real score) with
 a critic (fake score) trained online on the student's samples; --dmd 1 --recon 0 is the method's
-plain DMD. docs/results.md ("Does DMD help?") has the measurements
-behind the defaults. The last stage's checkpoint is copied to OUT/ckpt.pt, what stream.py reads.
-The student always has the warp head: the start's (or the teacher's), or one added silent.
+plain DMD. docs/results.md ("Does DMD help?") has the measurements behind the defaults. The last
+stage's checkpoint is copied to OUT/ckpt.pt, what stream.py reads. The student always has the
+warp head: the start's (or the teacher's), or one added silent.
 """
 import copy
 import json
@@ -41,6 +42,7 @@ from common import (ArgumentParser, StepBar, StopFlag, agree, allreduce, autocas
 from eval import format_quick, quick_eval, save_sample_video, save_strip
 from loopaug import LoopSampler
 from real import PhotoClips
+from teacher import DEPTH_LOSS, depth_loss
 from model import (WARP_PLANES, KVCache, RealCamDiT, add_noise, config_from, encode_target, flow_loss, load_checkpoint,
                    null_camera, sample_t, save_checkpoint, shift_t, student_chunk)
 
@@ -135,9 +137,10 @@ def optimize(model, opt, loss, clip, world=1):
     return gn
 
 
-def causal_step(student, opt, batch, g, clip, world=1, autocast=NO_AUTOCAST):
+def causal_step(student, opt, batch, g, clip, world=1, autocast=NO_AUTOCAST, depth=None):
     """Causal adaptation: flow matching on ground-truth pairs under the block-causal mask, a noise
-    level a chunk, no loss on the clean chunks. Returns the loss and the gradient norm."""
+    level a chunk, no loss on clean chunks; given depth (camera.plane_target), teacher.py's depth
+    term beside it on the noised chunks. Returns the loss, gradient norm and depth term (or None)."""
     src, tgt, cam_src, cam_tgt = batch
     (B, T), cfg, dev = src.shape[:2], student.cfg, src.device
     x0 = encode_target(tgt, src, cfg)
@@ -146,8 +149,14 @@ def causal_step(student, opt, batch, g, clip, world=1, autocast=NO_AUTOCAST):
     with autocast:
         out = student(src, add_noise(x0, e, t), cam_src, cam_tgt, t, causal=True)
     w = (t > 0).float()                                                  # no loss on clean chunks
-    loss = (flow_loss(out, x0, t, cfg) * w).sum() / w.sum().clamp(min=1)
-    return loss, optimize(student, opt, loss, clip, world)
+    loss, dterm = (flow_loss(out, x0, t, cfg) * w).sum() / w.sum().clamp(min=1), None
+    if depth is not None:
+        K, mask = len(cfg.warp), depth[1] & (t > 0)[..., None, None]
+        dterm = depth_loss(student.last_warp.view(B, 2 * T, K + 1, *x0.shape[-2:])[:, T:, :K], depth[0], mask)
+        loss = loss + DEPTH_LOSS * dterm
+    gn = optimize(student, opt, loss, clip, world)
+    student.last_warp = None                                # no graph kept between steps
+    return loss, gn, dterm
 
 
 def critic_step(critic, opt_c, xf, batch, g, clip, world=1, autocast=NO_AUTOCAST):
@@ -393,13 +402,10 @@ class Run:
         self.autocast = autocast_for(args.device)
         try:
             self.dataset = data.MultiViewDataset(args.data, scfg.size) if args.data else None
-        except (OSError, ValueError) as e:
-            fail(e)
-        self.loops = LoopSampler(None, scfg.size, scenes=self.dataset.scenes) if args.loopaug > 0 else None
-        try:
             self.photos = PhotoClips(args.photos, scfg.size) if args.photos else None
         except (OSError, ValueError) as e:
             fail(e)
+        self.loops = LoopSampler(None, scfg.size, scenes=self.dataset.scenes) if args.loopaug > 0 else None
         if rank == 0:
             hold_out_dir(args.out)
         else:
@@ -407,8 +413,9 @@ class Run:
         self.interrupt, self.seconds = StopFlag(), {}
 
     def batch(self, step, stage):
-        """The step's batch on the device: (src, tgt, cam_src, cam_tgt). The selfforcing stage draws
-        a share --loopaug of its batches from LoopAug loops and PHOTO_SHARE from --photos."""
+        """The step's batch on the device, (src, tgt, cam_src, cam_tgt), and the causal stage's depth
+        target where the data has it, else None; selfforcing draws --loopaug and PHOTO_SHARE of
+        its batches from LoopAug loops and --photos."""
         args, S = self.args, self.scfg.size
         u = torch.rand(1, generator=data.rng(args.seed, step, 3)).item()     # tag 3: loop or not
         mp = args.max_pairs or MAX_PAIRS[stage]
@@ -419,9 +426,11 @@ class Run:
         elif self.dataset:
             b = self.dataset.batch(step, args.pairs, mp, args.seed, self.rank)
         else:
-            b = data.synthetic_batch(step, args.pairs, mp, S, S, args.seed + 1, self.rank, device=args.device)
+            b = data.synthetic_batch(step, args.pairs, mp, S, S, args.seed + 1, self.rank, device=args.device,
+                                     depth=stage == "causal")
         cam_src, cam_tgt = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
-        return [x.to(args.device) for x in (b["src"], b["tgt"], cam_src, cam_tgt)]
+        depth = camera.plane_target(b, self.scfg.warp) if stage == "causal" and "depth_tgt" in b else None
+        return [x.to(args.device) for x in (b["src"], b["tgt"], cam_src, cam_tgt)], depth
 
     def budget(self, stage):
         """Seconds of wall-clock time this stage may use (--minutes): all of them for one stage;
@@ -439,11 +448,12 @@ def stage_step(run, stage, step, nets, max_steps):
     args, (student, _, opt, critic, opt_c) = run.args, nets
     g = data.rng(args.seed, TAG[stage], step, run.rank)
     gs = data.rng(args.seed, TAG[stage], step)                 # shared by ranks
-    batch = run.batch(step, stage)
+    batch, depth = run.batch(step, stage)
     msg = f"{stage} {step}/{max_steps if max_steps < 10 ** 9 else '-'} | T {batch[0].shape[1]}"
     if stage == "causal":
-        loss, gn = causal_step(student, opt, batch, g, CLIP, run.world, run.autocast)
-        msg += f" | loss {loss.item():.4f} | gnorm {gn.item():.2f}"
+        loss, gn, dterm = causal_step(student, opt, batch, g, CLIP, run.world, run.autocast,
+                                      depth and [x.to(args.device) for x in depth])
+        msg += f" | loss {loss.item():.4f} | gnorm {gn.item():.2f}" + (f" | depth {dterm.item():.3f}" if depth else "")
     else:
         loss, gnorm_g, gn, exit_step, loss_c = selfforcing_step(
             student, opt, run.teacher, critic, batch, args.steps, g, gs, CLIP, args.recon, run.world, run.autocast,

@@ -14,8 +14,8 @@ drawn logit-normal/uniform and shifted toward noise, x_t = (1 - t) x0 + t e; the
 predicts x0 and the loss is the velocity error over target tokens only,
 || x0_theta - x0 ||^2 / max(t, t_min)^2. AdamW, linear warmup then cosine decay, gradient
 clipping, an EMA of the weights; a held-out evaluation every --eval_every steps.
-On the synthetic stream, which renders depth, the warp head is also told the depth: --depth_loss
-x the cross-entropy between its plane weights and the ones the true depth asks for
+Where the data has depth (the synthetic stream renders it, data.py's datasets keep it), the warp
+head is also told the depth: --depth_loss x the cross-entropy between its plane weights and the ones the true depth asks for
 (camera.plane_weights), on co-visible target pixels of the clips that kept their camera
 (docs/results.md, What limits wide moves).
 """
@@ -44,6 +44,9 @@ WEIGHT_DECAY = 0.0      # AdamW's
 MIN_LR_FRAC = 0.1       # the cosine decays to this fraction of --lr
 
 
+DEPTH_LOSS = 0.05   # the depth term's weight (also distill.py's causal stage, on data with depth)
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description="Train the RealCam-min bidirectional teacher.")
     # model and data
@@ -69,9 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=200, help="linear warmup (steps)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (L2 norm)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights (per step)")
-    p.add_argument("--depth_loss", type=float, default=0.05,
+    p.add_argument("--depth_loss", type=float, default=DEPTH_LOSS,
                    help="weight of the warp head's depth term (cross-entropy of its plane weights against the true "
-                        "depth's, co-visible target pixels); the synthetic stream only: a dataset on disk has no depth")
+                        "depth's, co-visible target pixels), where the data has depth (the synthetic stream, data.py's datasets)")
     p.add_argument("--cond_drop", type=float, default=0.1,
                    help="share of clips trained without their camera (zero rays), for classifier-free guidance "
                         "(model.teacher_sample, distill.py --guidance), 0..1")
@@ -154,7 +157,8 @@ def progress(step, seconds, args):
 
 def get_batch(step, args, cfg, dataset, rank):
     """The step's batch on the training device (the synthetic world is rendered there): src, tgt,
-    cam_src, cam_tgt and, when the depth term is on, camera.plane_target's (weights, mask), else None."""
+    cam_src, cam_tgt and, when the depth term is on and the data has depth (the synthetic stream,
+    data.py's datasets), camera.plane_target's (weights, mask), else None."""
     if dataset:
         b = dataset.batch(step, args.pairs, args.max_pairs, args.seed, rank)
         b = {k: v.to(args.device) for k, v in b.items()}
@@ -162,7 +166,8 @@ def get_batch(step, args, cfg, dataset, rank):
         b = data.synthetic_batch(step, args.pairs, args.max_pairs, cfg.size, cfg.size, args.seed, rank, args.static_share,
                                  args.device, depth=bool(args.depth_loss and cfg.warp))
     cam_src, cam_tgt = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], cfg.size, cfg.size)
-    return b["src"], b["tgt"], cam_src, cam_tgt, camera.plane_target(b, cfg.warp) if "depth_tgt" in b else None
+    depth = "depth_tgt" in b and args.depth_loss and cfg.warp           # a dataset on disk may have it
+    return b["src"], b["tgt"], cam_src, cam_tgt, camera.plane_target(b, cfg.warp) if depth else None
 
 
 def depth_loss(logits, target, mask):

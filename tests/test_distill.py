@@ -155,6 +155,9 @@ def test_distill_stages_end_to_end(script, tmp_path):
                "--critic_steps", 1, "--dmd", 1, *common)
     log = open(os.path.join(out, "log.txt")).read()
     assert "causal 1/2" in log and "selfforcing 1/2" in log and "|g|" in log and "critic" in log
+    lines = log.splitlines()                   # the synthetic stream has depth: the causal stage's term
+    assert all("| depth " in x for x in lines if x.startswith("causal "))
+    assert not any("| depth " in x for x in lines if x.startswith("selfforcing "))
     r = script("eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--clips", 1, "--frames", 3, "--families", "orbit,pan",
                "--out", out)
     ev = json.load(open(os.path.join(out, "eval.json")))
@@ -190,6 +193,48 @@ class ConstX(torch.nn.Module):
         if self.c_null is not None and not cam_tgt.any():
             return torch.full_like(xt, self.c_null)
         return self.c.expand_as(xt)
+
+
+def test_causal_step_adds_the_depth_term_of_the_noised_target_chunks():
+    """distill.causal_step given a depth target: its loss is the flow loss on the noised chunks
+    plus teacher.DEPTH_LOSS x depth_loss on the TARGET frames' plane logits over the co-visible
+    pixels of noised chunks (clean chunks are context: no loss), with the step's own draws of e
+    and t; without a target it is the flow loss alone."""
+    import copy
+    from distill import causal_step, chunk_timesteps
+    from model import add_noise, encode_target, flow_loss
+    from teacher import DEPTH_LOSS, depth_loss
+    import camera
+    import data
+    torch.manual_seed(0)
+    cfg, S = replace(TINY, chunk=1, window=4), TINY.size
+    b = data.synthetic_batch(2, 8, 4, S, S, depth=True)
+    cs, ct = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
+    w, mask = camera.plane_target(b, cfg.warp)
+    batch = (b["src"], b["tgt"], cs, ct)
+    m = model.RealCamDiT(cfg)
+    with torch.no_grad():
+        m.warp_out.weight.normal_(0, 0.5)                                    # a head with opinions
+    ref = copy.deepcopy(m)
+    (B, T), K = b["src"].shape[:2], len(cfg.warp)
+    g = torch.Generator().manual_seed(7)
+    x0 = encode_target(b["tgt"], b["src"], cfg)
+    e = torch.randn(x0.shape, generator=g)
+    t = chunk_timesteps(B, T, cfg.chunk, cfg.shift, g)
+    assert (t == 0).any() and (t > 0).any()
+    with torch.no_grad():
+        out = ref(b["src"], add_noise(x0, e, t), cs, ct, t, causal=True)
+        o = ref.last_warp.view(B, 2 * T, K + 1, S, S)[:, T:, :K]
+        want = depth_loss(o, w, mask & (t > 0)[..., None, None])
+        n = (t > 0).float()
+        flow = (flow_loss(out, x0, t, cfg) * n).sum() / n.sum()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    loss, _, dterm = causal_step(m, opt, batch, torch.Generator().manual_seed(7), 1.0, depth=(w, mask))
+    assert torch.allclose(dterm, want, atol=1e-5) and torch.allclose(loss, flow + DEPTH_LOSS * want, atol=1e-5)
+    assert not torch.allclose(want, depth_loss(o, w, mask), atol=1e-3)      # the clean chunks matter here
+    assert m.last_warp is None                                              # no graph kept after the step
+    loss, _, none = causal_step(ref, opt, batch, torch.Generator().manual_seed(7), 1.0)
+    assert none is None and torch.allclose(loss, flow, atol=1e-5)
 
 
 def zero_student():

@@ -67,7 +67,7 @@ def test_bad_videos_raise_one_clear_error(tmp_path):
 
 
 def test_on_disk_format_round_trip_and_errors(tmp_path):
-    frames, c2w, K = data.synth_multiview_scene(3, n_cams=3, T=5, size=16)
+    frames, c2w, K, _ = data.synth_multiview_scene(3, n_cams=3, T=5, size=16)
     d = str(tmp_path / "scene")
     data.write_scene(d, frames, c2w, K)
     sc = data.load_scene(d)
@@ -97,6 +97,34 @@ def test_on_disk_format_round_trip_and_errors(tmp_path):
         data.list_scenes(str(tmp_path / "scene"))
 
 
+def test_on_disk_depth_warps_one_camera_into_another(tmp_path):
+    """A scene written with its depth (data.py does) reads back with it, at the frames' size or
+    resized, and a dataset clip's depth and poses agree: the source warped by the target's
+    depth (the depth-warp oracle) renders the target on co-visible pixels, far better than copy.
+    A depth file of the wrong shape is refused, naming it; a scene without one has no depth."""
+    frames, c2w, K, depth = data.synth_multiview_scene(5, n_cams=3, T=4, size=32)
+    root = tmp_path / "ds"
+    data.write_scene(str(root / "scene_00000"), frames, c2w, K, depth=depth)
+    sc = data.load_scene(str(root / "scene_00000"))
+    assert torch.allclose(sc["depth"], depth, rtol=1e-3) and torch.isinf(depth).any()     # sky stays inf
+    assert data.load_scene(str(root / "scene_00000"), 16)["depth"].shape == (3, 4, 16, 16)
+    ds = data.MultiViewDataset(str(root), 32)
+    warped = copied = 0
+    for step in range(6):
+        b = ds.batch(step, pairs=8, max_pairs=4)
+        mask, grid = camera.covisibility(b["depth_src"], b["depth_tgt"], b["rel"], b["K_src"], b["K_tgt"])
+        m = mask[:, :, None].expand_as(b["tgt"])
+        warped += ((camera.warp_source(b["src"], grid) - b["tgt"]) / 2)[m].square().sum()
+        copied += ((b["src"] - b["tgt"]) / 2)[m].square().sum()
+    assert warped < copied / 4          # 7x here; the depth swapped, flipped or constant: 0.7-1.5x
+    np.save(str(root / "scene_00000" / "depth.npy"), np.zeros((3, 5, 32, 32), np.float16))
+    with pytest.raises(ValueError, match="depth file .*depth.npy has shape"):
+        data.load_scene(str(root / "scene_00000"))
+    data.write_scene(str(tmp_path / "plain" / "scene_00000"), frames, c2w, K)
+    assert not data.MultiViewDataset(str(tmp_path / "plain"), 32).depth
+    assert "depth_src" not in data.MultiViewDataset(str(tmp_path / "plain"), 32).batch(0, 4, 2)
+
+
 def test_multicam_axes_known_answer():
     """An Unreal camera with identity rotation looks along +x with y right and z up; in OpenCV
     axes its right is world +y, its down world -z, its forward world +x; centimetres to metres."""
@@ -110,7 +138,7 @@ def test_multicam_axes_known_answer():
 
 def test_multicam_conversion_round_trip(script, tmp_path):
     """A MultiCamVideo-style scene made from the renderer converts back to its relative poses."""
-    frames, c2w, K = data.synth_multiview_scene(3, 3, 5, 24)
+    frames, c2w, K, _ = data.synth_multiview_scene(3, 3, 5, 24)
     src = tmp_path / "mc" / "f24" / "scene1"
     os.makedirs(src / "videos"), os.makedirs(src / "cameras")
     ext = {}

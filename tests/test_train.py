@@ -193,7 +193,7 @@ def test_teacher_eval_data_end_to_end(script, tmp_path, device):
     # teacher on the on-disk dataset, with a periodic evaluation and sample video
     r = teacher(script, run, "--max_steps", 5, "--data", d, device=device)
     log = open(os.path.join(run, "log.txt")).read()
-    assert "eval 4" in r.stdout + r.stderr and "step 4/5" in log and "| depth" not in log   # no depth on disk: no depth term
+    assert "eval 4" in r.stdout + r.stderr and "step 4/5" in log and "| depth" in log   # data.py writes the depth
     for f in ("ckpt.pt", "sample.mp4", "sample.png"):
         assert os.path.isfile(os.path.join(run, f)), f
     # eval.py on the result: a table and a JSON with every family
