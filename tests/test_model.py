@@ -319,7 +319,7 @@ def test_config_from_checkpoints_of_any_version(tmp_path):
     assert config_from(teacher).warp == config_from(student).warp == model.WARP_PLANES    # the shipped ones
     before_warp = {k: v for k, v in teacher.items() if k != "warp"}                     # the release before
     assert config_from(before_warp).warp == () and config_from(before_warp).ada_single
-    assert teacher["pred"] == "x"
+    assert config_from(dict(teacher, pred="x")) == config_from(teacher)         # a removed field at the value kept
     old = dict(size=16, patch=4, dim=64, depth=2, heads=2, residual=True, src_sees_tgt=False, pred="x", cam_rope=())
     assert config_from(old) == replace(TINY, src_concat=False, cam_rope=(), ada_single=False, warp=())
     for bad, why in ((dict(old, pred="v"), "velocity"), ({k: v for k, v in old.items() if k not in ("pred", "cam_rope")},
