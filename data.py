@@ -58,7 +58,11 @@ def rng(*ints):
     return torch.Generator().manual_seed(hash(ints) % 2 ** 31)
 
 
-def collate(clips, keys=("src", "tgt", "rel", "K_src", "K_tgt")):
+KEYS = ("src", "tgt", "rel", "K_src", "K_tgt")          # a training clip
+DEPTH_KEYS = KEYS + ("depth_src", "depth_tgt")         # and its depth, where the data has it
+
+
+def collate(clips, keys=KEYS):
     return {k: torch.stack([c[k] for c in clips]) for k in keys}
 
 
@@ -80,8 +84,8 @@ def synthetic_batch(step, pairs, max_pairs, H, W, seed=0, rank=0, p_static=P_STA
     T = clip_length(step, max_pairs, seed) if rank else T
     B = max(1, pairs // T)
     seeds = torch.randint(0, 2 ** 31 - 1, (B,), generator=g).tolist()   # training scenes < 2**31
-    keys = ("src", "tgt", "rel", "K_src", "K_tgt") + (("depth_src", "depth_tgt") if depth else ())
-    return collate(render_clips([sample_spec(s, T, p_static) for s in seeds], H, W, depth=depth, device=device), keys)
+    clips = render_clips([sample_spec(s, T, p_static) for s in seeds], H, W, depth=depth, device=device)
+    return collate(clips, DEPTH_KEYS if depth else KEYS)
 
 # -----------------------------------------------------------------------------
 # video I/O (PyAV through imageio): frame-by-frame, centre-crop + resize
@@ -388,8 +392,7 @@ class MultiViewDataset:
         g = rng(seed, step, rank)
         T = int(torch.randint(1, max_pairs + 1, (1,), generator=g))
         T = clip_length(step, max_pairs, seed) if rank else T           # one T for all ranks
-        keys = ("src", "tgt", "rel", "K_src", "K_tgt") + (("depth_src", "depth_tgt") if self.depth else ())
-        return collate([self.clip(g, T) for _ in range(max(1, pairs // T))], keys)
+        return collate([self.clip(g, T) for _ in range(max(1, pairs // T))], DEPTH_KEYS if self.depth else KEYS)
 
 
 def synth_multiview_scene(seed, n_cams, T, size, ss=2):

@@ -53,10 +53,7 @@ def heldout_batch(family, n_clips, T, size, seed0=EVAL_SEED, fx=1.0):
         rel, zoom = camera.preset_path(FAMILIES[family][j % len(FAMILIES[family])], T)
         seed = seed0 + 1000 * fam + j
         clips.append(render.render_clip(seed, T, size, size, rel, zoom, gen=torch.Generator().manual_seed(seed), fx=fx))
-    return data.collate(clips, DEPTH_KEYS)
-
-
-DEPTH_KEYS = ("src", "tgt", "rel", "K_src", "K_tgt", "depth_src", "depth_tgt")
+    return data.collate(clips, data.DEPTH_KEYS)
 
 
 def stream_batch(n_clips, T, size, traj="orbit"):
@@ -66,7 +63,7 @@ def stream_batch(n_clips, T, size, traj="orbit"):
     for j in range(n_clips):
         seed = EVAL_SEED + 900_000 + j
         clips.append(render.render_clip(seed, T, size, size, rel, zoom, gen=torch.Generator().manual_seed(seed)))
-    return data.collate(clips, DEPTH_KEYS)
+    return data.collate(clips, data.DEPTH_KEYS)
 
 
 # -----------------------------------------------------------------------------
@@ -129,7 +126,7 @@ def world_batch(src, tgt, n_clips, size, seed0):
         spec = render.clip_spec(seed0 + j, len(src), camera.invert_pose(src) @ tgt, src_c2w=base @ src, gen=g, frozen=True)
         spec["c2w"] = torch.cat([base @ src, base @ tgt])             # the world poses exactly: a revisit renders the same
         clips.append(dict(render.render_clips([spec], size, size)[0], c2w_src=base @ src, c2w_tgt=base @ tgt))
-    return data.collate(clips, DEPTH_KEYS + ("c2w_src", "c2w_tgt"))
+    return data.collate(clips, data.DEPTH_KEYS + ("c2w_src", "c2w_tgt"))
 
 
 def loop_batch(kind, n_clips, L, size):
