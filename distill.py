@@ -42,7 +42,7 @@ from common import (ArgumentParser, StepBar, StopFlag, agree, allreduce, autocas
 from eval import format_quick, quick_eval, save_sample_video, save_strip
 from loopaug import LoopSampler
 from real import PhotoClips
-from teacher import DEPTH_LOSS, depth_loss
+from teacher import DEPTH_LOSS, target_depth_loss
 from model import (WARP_PLANES, KVCache, RealCamDiT, add_noise, config_from, encode_target, flow_loss, load_checkpoint,
                    null_camera, sample_t, save_checkpoint, shift_t, student_chunk)
 
@@ -151,8 +151,7 @@ def causal_step(student, opt, batch, g, clip, world=1, autocast=NO_AUTOCAST, dep
     w = (t > 0).float()                                                  # no loss on clean chunks
     loss, dterm = (flow_loss(out, x0, t, cfg) * w).sum() / w.sum().clamp(min=1), None
     if depth is not None:
-        K, mask = len(cfg.warp), depth[1] & (t > 0)[..., None, None]
-        dterm = depth_loss(student.last_warp.view(B, 2 * T, K + 1, *x0.shape[-2:])[:, T:, :K], depth[0], mask)
+        dterm = target_depth_loss(student, depth[0], depth[1] & (t > 0)[..., None, None])
         loss = loss + DEPTH_LOSS * dterm
     gn = optimize(student, opt, loss, clip, world)
     student.last_warp = None                                # no graph kept between steps
@@ -429,7 +428,8 @@ class Run:
             b = data.synthetic_batch(step, args.pairs, mp, S, S, args.seed + 1, self.rank, device=args.device,
                                      depth=stage == "causal")
         cam_src, cam_tgt = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
-        depth = camera.plane_target(b, self.scfg.warp) if stage == "causal" and "depth_tgt" in b else None
+        depth = stage == "causal" and "depth_tgt" in b
+        depth = [x.to(args.device) for x in camera.plane_target(b, self.scfg.warp)] if depth else None
         return [x.to(args.device) for x in (b["src"], b["tgt"], cam_src, cam_tgt)], depth
 
     def budget(self, stage):
@@ -451,8 +451,7 @@ def stage_step(run, stage, step, nets, max_steps):
     batch, depth = run.batch(step, stage)
     msg = f"{stage} {step}/{max_steps if max_steps < 10 ** 9 else '-'} | T {batch[0].shape[1]}"
     if stage == "causal":
-        loss, gn, dterm = causal_step(student, opt, batch, g, CLIP, run.world, run.autocast,
-                                      depth and [x.to(args.device) for x in depth])
+        loss, gn, dterm = causal_step(student, opt, batch, g, CLIP, run.world, run.autocast, depth)
         msg += f" | loss {loss.item():.4f} | gnorm {gn.item():.2f}" + (f" | depth {dterm.item():.3f}" if depth else "")
     else:
         loss, gnorm_g, gn, exit_step, loss_c = selfforcing_step(

@@ -177,6 +177,13 @@ def depth_loss(logits, target, mask):
     return (ce * mask).sum() / mask.sum().clamp(min=1)
 
 
+def target_depth_loss(model, target, mask):
+    """depth_loss on the target frames of the model's last forward (model.last_warp: B clips of
+    T sources then T targets), for target weights (B, T, K, H, W) and a mask (B, T, H, W)."""
+    (B, T), K, o = mask.shape[:2], len(model.cfg.warp), model.last_warp
+    return depth_loss(o.view(B, 2 * T, K + 1, *o.shape[-2:])[:, T:, :K], target, mask)
+
+
 def train_step(net, model, ema, optim, batch, step, lr, args, rank):
     """One optimization step of the flow loss on target tokens (and the depth term with a depth
     target), then the EMA. Returns the loss, the gradient norm before clipping and the depth
@@ -198,8 +205,7 @@ def train_step(net, model, ema, optim, batch, step, lr, args, rank):
         w, mask = depth
         if args.cond_drop:                                               # no camera, no depth to tell
             mask = mask & ~drop[:, None, None, None]
-        K = len(cfg.warp)
-        dterm = depth_loss(model.last_warp.view(B, 2 * T, K + 1, *x0.shape[-2:])[:, T:, :K], w, mask)
+        dterm = target_depth_loss(model, w, mask)
         loss = loss + args.depth_loss * dterm
     for group in optim.param_groups:
         group["lr"] = lr
