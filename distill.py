@@ -42,7 +42,7 @@ from common import (ArgumentParser, StepBar, StopFlag, agree, allreduce, autocas
 from eval import format_quick, quick_eval, save_sample_video, save_strip
 from loopaug import LoopSampler
 from real import PhotoClips
-from teacher import DEPTH_LOSS, target_depth_loss
+from teacher import target_depth_loss
 from model import (WARP_PLANES, KVCache, RealCamDiT, add_noise, config_from, encode_target, flow_loss, load_checkpoint,
                    null_camera, sample_t, save_checkpoint, shift_t, student_chunk)
 
@@ -56,6 +56,7 @@ PHOTO_SHARE = 0.25      # with --photos: the selfforcing stage's share of rollou
 SAVE_EVERY = 50         # steps between checkpoints
 CLIP = 1.0              # gradient-norm clip (student and critic)
 EMA = 0.99              # EMA decay of the student
+CAUSAL_DEPTH = 0.05     # the causal stage's depth term weight (teacher.py's term; docs/results.md)
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
 # -----------------------------------------------------------------------------
@@ -140,7 +141,8 @@ def optimize(model, opt, loss, clip, world=1):
 def causal_step(student, opt, batch, g, clip, world=1, autocast=NO_AUTOCAST, depth=None):
     """Causal adaptation: flow matching on ground-truth pairs under the block-causal mask, a noise
     level a chunk, no loss on clean chunks; given depth (camera.plane_target), teacher.py's depth
-    term beside it on the noised chunks. Returns the loss, gradient norm and depth term (or None)."""
+    term beside it, at CAUSAL_DEPTH, on the noised chunks. Returns the loss, gradient norm and
+    depth term (or None)."""
     src, tgt, cam_src, cam_tgt = batch
     (B, T), cfg, dev = src.shape[:2], student.cfg, src.device
     x0 = encode_target(tgt, src, cfg)
@@ -152,7 +154,7 @@ def causal_step(student, opt, batch, g, clip, world=1, autocast=NO_AUTOCAST, dep
     loss, dterm = (flow_loss(out, x0, t, cfg) * w).sum() / w.sum().clamp(min=1), None
     if depth is not None:
         dterm = target_depth_loss(student, depth[0], depth[1] & (t > 0)[..., None, None])
-        loss = loss + DEPTH_LOSS * dterm
+        loss = loss + CAUSAL_DEPTH * dterm
     gn = optimize(student, opt, loss, clip, world)
     student.last_warp = None                                # no graph kept between steps
     return loss, gn, dterm

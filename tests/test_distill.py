@@ -197,13 +197,13 @@ class ConstX(torch.nn.Module):
 
 def test_causal_step_adds_the_depth_term_of_the_noised_target_chunks():
     """distill.causal_step given a depth target: its loss is the flow loss on the noised chunks
-    plus teacher.DEPTH_LOSS x depth_loss on the TARGET frames' plane logits over the co-visible
+    plus distill.CAUSAL_DEPTH x depth_loss on the TARGET frames' plane logits over the co-visible
     pixels of noised chunks (clean chunks are context: no loss), with the step's own draws of e
     and t; without a target it is the flow loss alone."""
     import copy
-    from distill import causal_step, chunk_timesteps
+    from distill import CAUSAL_DEPTH, causal_step, chunk_timesteps
     from model import add_noise, encode_target, flow_loss
-    from teacher import DEPTH_LOSS, depth_loss
+    from teacher import depth_loss
     import camera
     import data
     torch.manual_seed(0)
@@ -230,7 +230,7 @@ def test_causal_step_adds_the_depth_term_of_the_noised_target_chunks():
         flow = (flow_loss(out, x0, t, cfg) * n).sum() / n.sum()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
     loss, _, dterm = causal_step(m, opt, batch, torch.Generator().manual_seed(7), 1.0, depth=(w, mask))
-    assert torch.allclose(dterm, want, atol=1e-5) and torch.allclose(loss, flow + DEPTH_LOSS * want, atol=1e-5)
+    assert torch.allclose(dterm, want, atol=1e-5) and torch.allclose(loss, flow + CAUSAL_DEPTH * want, atol=1e-5)
     assert not torch.allclose(want, depth_loss(o, w, mask), atol=1e-3)      # the clean chunks matter here
     assert m.last_warp is None                                              # no graph kept after the step
     loss, _, none = causal_step(ref, opt, batch, torch.Generator().manual_seed(7), 1.0)
