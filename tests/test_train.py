@@ -153,7 +153,8 @@ def test_resume_says_when_the_depth_weight_changes(script, tmp_path):
     out = str(tmp_path / "r")
     teacher(script, out, "--max_steps", 1, "--depth_loss", 0)
     r = teacher(script, out, "--max_steps", 2, "--resume")
-    assert "--resume: the run was trained with --depth_loss 0; it goes on with 0.05" in r.stdout
+    from teacher import DEPTH_LOSS
+    assert f"--resume: the run was trained with --depth_loss 0; it goes on with {DEPTH_LOSS}" in r.stdout
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     del ckpt["args"]["depth_loss"]
     torch.save(ckpt, os.path.join(out, "ckpt.pt"))
