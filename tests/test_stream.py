@@ -360,20 +360,24 @@ def test_ctrl_c_keeps_a_playable_video(student, tmp_path):
     out = str(tmp_path / "c")
     proc = subprocess.Popen([sys.executable, "stream.py", "--ckpt", student["ckpt"], "--frames", "100000",
                              "--out", out], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    mp4 = os.path.join(out, "stream.mp4")
-    deadline = time.time() + 120
-    while time.time() < deadline:                       # wait until frames are being written
-        time.sleep(1)
-        if os.path.exists(mp4) and os.path.getsize(mp4) > 0:
-            time.sleep(2)
-            break
-    second = subprocess.run([sys.executable, "stream.py", "--ckpt", student["ckpt"], "--frames", "2", "--out", out],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)     # the same --out, while it runs
-    assert second.returncode == 1 and second.stderr.startswith("error: ") and "Traceback" not in second.stderr
-    assert f"is in use by another run (process {proc.pid}" in second.stderr
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "interrupted" in stdout, stderr
+    try:
+        mp4 = os.path.join(out, "stream.mp4")
+        deadline = time.time() + 120
+        while time.time() < deadline:                       # wait until frames are being written
+            time.sleep(1)
+            if os.path.exists(mp4) and os.path.getsize(mp4) > 0:
+                time.sleep(2)
+                break
+        second = subprocess.run([sys.executable, "stream.py", "--ckpt", student["ckpt"], "--frames", "2", "--out", out],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)     # the same --out, while it runs
+        assert second.returncode == 1 and second.stderr.startswith("error: ") and "Traceback" not in second.stderr
+        assert f"is in use by another run (process {proc.pid}" in second.stderr
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "interrupted" in stdout, stderr
+    finally:                                            # a failed wait leaves no stream running
+        if proc.poll() is None:
+            proc.kill()
     n = read_log(out)["frames"]
     assert n > 0 and len(list(data.read_video(mp4))) == n and not os.path.exists(os.path.join(out, ".lock"))
 
