@@ -12,6 +12,7 @@ import camera
 import data
 from conftest import ROOT
 from model import PRESETS, RealCamDiT, add_noise, encode_target, flow_loss, load_checkpoint, load_model
+from teacher import DEPTH_LOSS
 
 TINY = PRESETS["tiny"]
 
@@ -153,8 +154,7 @@ def test_resume_says_when_the_depth_weight_changes(script, tmp_path):
     out = str(tmp_path / "r")
     teacher(script, out, "--max_steps", 1, "--depth_loss", 0)
     r = teacher(script, out, "--max_steps", 2, "--resume")
-    from teacher import DEPTH_LOSS
-    assert f"--resume: the run was trained with --depth_loss 0; it goes on with {DEPTH_LOSS}" in r.stdout
+    assert f"--resume: the run was trained with --depth_loss 0; it goes on with {DEPTH_LOSS:g}" in r.stdout
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     del ckpt["args"]["depth_loss"]
     torch.save(ckpt, os.path.join(out, "ckpt.pt"))
