@@ -416,11 +416,9 @@ class Run:
 
     def batch(self, step, stage):
         """The step's batch on the device (src, tgt, cam_src, cam_tgt), the causal stage's depth target
-        (or None) and whether it is of photographs (selfforcing draws --loopaug of its batches from
-        LoopAug loops, PHOTO_SHARE from --photos)."""
-        args, S = self.args, self.scfg.size
+        (or None) and whether it is of photographs (selfforcing: --loopaug loops, PHOTO_SHARE photos)."""
+        args, S, mp = self.args, self.scfg.size, self.args.max_pairs or MAX_PAIRS[stage]
         u = torch.rand(1, generator=data.rng(args.seed, step, 3)).item()     # tag 3: loop or not
-        mp = args.max_pairs or MAX_PAIRS[stage]
         loop = bool(self.loops) and stage == "selfforcing" and u < args.loopaug
         photo = bool(self.photos) and stage == "selfforcing" and not loop and u < args.loopaug + PHOTO_SHARE
         if loop:
