@@ -14,10 +14,11 @@ block-causal mask and is fine-tuned with the flow-matching loss on ground-truth 
 at its own noise level (some chunks clean, as the KV cache will hold them at inference), and
 teacher.py's depth term where the data has depth (the synthetic stream, data.py's datasets).
 Stage `selfforcing` (OUT/selfforcing.pt): the student generates the target chunk by chunk from its
-own KV cache (model.student_chunk), one exit step a rollout keeping gradients. Two losses on the
-rollout: a reconstruction term against the true target (--recon) and DMD (--dmd), the frozen
-teacher (real score) against a critic (fake score) trained online on the student's samples, on
-every rollout but the photographs' (the teacher saw none); --dmd 1 --recon 0 is plain DMD.
+own KV cache (model.student_chunk) and one exit step per rollout keeps gradients. Two losses on
+the rollout: a reconstruction term against the true target (--recon, on by default: multi-view
+data has it) and DMD (--dmd, off by default), which compares the frozen teacher (real score) with
+a critic (fake score) trained online on the student's samples, on every rollout but the
+photographs' (--photos: the teacher saw none); --dmd 1 --recon 0 is the method's plain DMD.
 docs/results.md ("Does DMD help?") has the measurements behind the defaults. OUT/ckpt.pt, what
 stream.py reads, is the last stage's. The student's warp head is the start's, or one added silent.
 """
@@ -42,9 +43,8 @@ from eval import format_quick, quick_eval, save_sample_video, save_strip
 from loopaug import LoopSampler
 from real import PhotoClips
 from teacher import target_depth_loss
-from model import (WARP_PLANES, KVCache, RealCamDiT, add_noise, config_from, encode_target, flow_loss, frame_cond,
-                   load_checkpoint, null_camera, sample_t, save_checkpoint, shift_t, source_intrinsics, student_chunk,
-                   warp_term)
+from model import (WARP_PLANES, KVCache, RealCamDiT, add_noise, config_from, encode_target, flow_loss, load_checkpoint,
+                   null_camera, sample_t, save_checkpoint, shift_t, student_chunk)
 
 STAGES = ("causal", "selfforcing")
 STEPS = {"causal": {"tiny": 50, "small": 600, "base": 3000},          # a stage's steps per preset (no --minutes)
@@ -63,19 +63,18 @@ NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 # the pieces of the method
 
 
-def rollout(student, src, cam_src, cam_tgt, steps, exit_step, generator, heads=None):
+def rollout(student, src, cam_src, cam_tgt, steps, exit_step, generator):
     """Self-Forcing rollout: the student generates all T target frames chunk by chunk from its
     own KV cache, stopping every chunk at the same exit step. Only the exit step's forward keeps
     gradients; the cache passes run without, so no gradient crosses chunks. Returns x
-    (B, T, 3, H, W) in diffusion space (the target, or target - source); heads: a list that gets
-    each chunk's warp head outputs at the exit step (model.student_chunk)."""
+    (B, T, 3, H, W) in diffusion space (the target, or target - source)."""
     cfg, (B, T) = student.cfg, src.shape[:2]
     cache, out = KVCache(cfg), []
     for c0 in range(0, T, cfg.chunk):
         sl = slice(c0, min(T, c0 + cfg.chunk))
         noise = torch.randn((steps, B, sl.stop - sl.start) + src.shape[2:], generator=generator).to(src.device)
         out.append(student_chunk(student, cache, src[:, sl], cam_src[:, sl], cam_tgt[:, sl], range(sl.start, sl.stop), steps,
-                                 noise, exit_step, heads))     # pair indices as a range: no host sync
+                                 noise, exit_step))     # pair indices as a range: no host sync
     return torch.cat(out, 1)
 
 
@@ -99,16 +98,6 @@ def dmd_loss(x, x0_real, x0_fake):
     g = ((x0_fake - x0_real) / scale).detach()
     loss = 0.5 * F.mse_loss(x, (x - g).detach())
     return loss, g.flatten(1).norm(dim=1)
-
-
-def gate_free(cfg, x, heads, src, cam_src, cam_tgt):
-    """x (B, T, 3, H, W) with no gradient to the warp gate: x + w(o, gate detached) - w(o), where w is
-    the warp term (model.warp_term) of the exit step's head outputs o (rollout's heads). Equal to x
-    in value; the plane choices and the rest of the network keep their gradient (--dmd_gate 0)."""
-    o = torch.cat([h.view(x.shape[0], -1, *h.shape[1:]) for h in heads], 1).flatten(0, 1).float()
-    cam, k = frame_cond(cfg, src, cam_tgt), source_intrinsics(cam_src)
-    w = lambda o: warp_term(o, cam, k, cfg.warp)
-    return x + w(torch.cat([o[:, :-1], o[:, -1:].detach()], 1)) - w(o)
 
 
 def real_score(teacher, src, xt, cam_src, cam_tgt, t, guidance=1.0):
@@ -187,23 +176,22 @@ def critic_step(critic, opt_c, xf, batch, g, clip, world=1, autocast=NO_AUTOCAST
 
 
 def selfforcing_step(student, opt, teacher, critic, batch, steps, g, gs, clip, recon=1.0, world=1, autocast=NO_AUTOCAST,
-                     dmd=0.0, opt_c=None, critic_steps=1, guidance=1.0, dmd_gate=True):
+                     dmd=0.0, opt_c=None, critic_steps=1, guidance=1.0):
     """One Self-Forcing step: a rollout of the student from its own KV cache (one exit step shared
     by every chunk and rank keeps gradients), then
     - with dmd > 0, critic_steps updates of the critic (the fake score) on that rollout, detached
-      (one rollout serves both: the step's main cost on a CPU), and the DMD term: the rollout
-      noised to one t a sample and denoised by the frozen teacher (the real score, with guidance)
-      and by the critic; dmd_loss moves it toward the real one (not through the warp gate with
-      dmd_gate False: gate_free);
-    - with recon > 0, recon * recon_loss(rollout, the true target): regressing the student's own
-      rollouts teaches it the right frame from the context it really has when streaming.
+      (critic_step: one rollout serves both, the step's main cost on a CPU), and the DMD term:
+      the rollout noised to one t a sample and denoised by the frozen teacher (the real score,
+      with classifier-free guidance) and by the critic; dmd_loss moves it toward the real one;
+    - with recon > 0, recon * recon_loss(rollout, the true target): multi-view data has it
+      (DESIGN section 4), and regressing the student's own rollouts teaches it to make the right
+      frame from the context it really has when streaming.
     Returns (loss, per-sample |g| of DMD, gradient norm, exit step, the critic's last loss)."""
     src, tgt, cam_src, cam_tgt = batch
     (B, T), dev = src.shape[:2], src.device
     exit_step = int(torch.randint(steps, (1,), generator=gs))
-    heads = [] if dmd > 0 and not dmd_gate and student.cfg.warp else None
     with autocast:
-        x = rollout(student, src, cam_src, cam_tgt, steps, exit_step, g, heads).float()
+        x = rollout(student, src, cam_src, cam_tgt, steps, exit_step, g).float()
     loss, gnorm_g, loss_c = x.new_zeros(()), x.new_zeros(B), x.new_zeros(())
     if dmd > 0:
         for _ in range(critic_steps):
@@ -214,8 +202,7 @@ def selfforcing_step(student, opt, teacher, critic, batch, steps, g, gs, clip, r
             xt = add_noise(x.detach(), e, t)
             x0_real = real_score(teacher, src, xt, cam_src, cam_tgt, t, guidance)
             x0_fake = critic(src, xt, cam_src, cam_tgt, t).float()
-        xd = gate_free(student.cfg, x, heads, src, cam_src, cam_tgt) if heads is not None else x
-        loss, gnorm_g = dmd_loss(xd, x0_real, x0_fake)
+        loss, gnorm_g = dmd_loss(x, x0_real, x0_fake)
         loss = dmd * loss
     if recon > 0:
         loss = loss + recon * recon_loss(x, encode_target(tgt, src, student.cfg))
@@ -228,7 +215,8 @@ def selfforcing_step(student, opt, teacher, critic, batch, steps, g, gs, clip, r
 
 def parse_args():
     p = ArgumentParser(description="Distill the RealCam-min teacher into a causal few-step student.")
-    p.add_argument("--stage", type=str, default="all", choices=["all", *STAGES], help="all: causal, then selfforcing")
+    p.add_argument("--stage", type=str, default="all", choices=["all", *STAGES],
+                   help="stage to run (all: causal, then selfforcing)")
     p.add_argument("--teacher", type=str, default="runs/teacher/ckpt.pt",
                    help="frozen teacher checkpoint (the shipped one: checkpoints/teacher_small.pt)")
     p.add_argument("--init", type=str, default=None,
@@ -251,25 +239,31 @@ def parse_args():
     p.add_argument("--photos", type=str, default=None, help="folder of photographs (real.py --fetch_photos DIR) whose "
                    f"turns and zooms make {PHOTO_SHARE:g} of the selfforcing stage's rollouts (real.PhotoClips)")
     p.add_argument("--pairs", type=int, default=None, help="pairs a batch per process (default: 8 CPU, 32 CUDA)")
-    p.add_argument("--max_pairs", type=int, default=None, help="clip / rollout lengths drawn from 1..max_pairs "
-                   "(default: 6 causal, 12 selfforcing: three windows, where a stream's own frames fill the cache)")
+    p.add_argument("--max_pairs", type=int, default=None,
+                   help="clip / rollout lengths drawn from 1..max_pairs (default: 6 causal, 12 selfforcing: rollouts "
+                        "three times the window, where a stream's own frames fill the cache)")
     p.add_argument("--causal_steps", type=int, default=None,
                    help="causal stage steps (default: per preset; with --minutes: no limit but the time)")
     p.add_argument("--selfforcing_steps", type=int, default=None,
                    help="selfforcing stage steps (default: per preset; with --minutes: no limit but the time)")
-    p.add_argument("--minutes", type=float, default=None, help=f"time-boxed: the stages share this many minutes "
-                   f"(across --resume; causal {CAUSAL_SHARE:g} of them); a stage out of time evaluates, saves, hands over")
+    p.add_argument("--minutes", type=float, default=None,
+                   help=f"time-boxed run: the stages share this many minutes of wall-clock time (counted across "
+                        f"--resume; with both, causal {CAUSAL_SHARE:g} of them); a stage whose time is up evaluates, "
+                        f"saves and hands over to the next")
     p.add_argument("--lr", type=float, default=5e-5, help="student learning rate (both stages)")
     p.add_argument("--lr_critic", type=float, default=1e-4, help="critic learning rate")
     p.add_argument("--critic_steps", type=int, default=1, help="critic updates a generator update, on its rollout")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance scale of the teacher's real score (needs a teacher trained with --cond_drop)")
-    p.add_argument("--recon", type=float, default=1.0, help="weight of the reconstruction term: the Self-Forcing "
-                   "rollout against the true target, the mean over frames of log(mse) (minus PSNR)")
-    p.add_argument("--dmd", type=float, default=0.0, help="weight of the DMD term, not on photo rollouts (0: no critic, "
-                   "no teacher calls, 2.2x faster a step; docs/results.md, Does DMD help?: why the shipped student is without)")
-    p.add_argument("--dmd_gate", type=int, default=1, choices=[0, 1], help="0: DMD does not move the warp gate (gate_free)")
-    p.add_argument("--eval_every", type=int, default=100, help="steps between evaluations, and one at the end (0: none)")
+    p.add_argument("--recon", type=float, default=1.0,
+                   help="weight of the reconstruction term: the Self-Forcing rollout against the true target, "
+                        "the mean over frames of log(mse) (minus PSNR)")
+    p.add_argument("--dmd", type=float, default=0.0,
+                   help="weight of the DMD term beside the reconstruction, not on photo rollouts (0: no critic and no "
+                        "teacher calls, 2.2x faster a step; docs/results.md, Does DMD help?: why the shipped student "
+                        "does without)")
+    p.add_argument("--eval_every", type=int, default=100,
+                   help="steps between held-out evaluations, and one at the end (0: none)")
     p.add_argument("--seed", type=int, default=0, help="data and noise seed")
     p.add_argument("--device", type=str, default=default_device(), help="cpu, cuda or cuda:N (default: cuda if available)")
     args = p.parse_args()
@@ -302,8 +296,10 @@ def load_start(path, want, what, hint=""):
     """A checkpoint that must be a teacher (want='teacher') or a student; one error line otherwise."""
     try:
         ck = load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
-        fail(f"{e}{hint if isinstance(e, FileNotFoundError) else ''}")
+    except FileNotFoundError as e:
+        fail(f"{e}{hint}")
+    except ValueError as e:
+        fail(e)
     kind = "student" if "student" in ck else "teacher"
     if kind != want:
         fail(f"{path} is a {kind} checkpoint; {what} needs a {want}"
@@ -399,7 +395,8 @@ def evaluate(ema, stage, step, steps, out, dev):
 
 class Run:
     """What the stages of one distill.py run share: the flags, the processes, the frozen teacher
-    (its weights: the critic's start), the student's Config, the data, Ctrl-C, each stage's time."""
+    (its weights: the critic's start), the student's Config, the data, Ctrl-C, and the time each
+    stage used (--minutes)."""
 
     def __init__(self, args, ddp, rank, world, teacher, tweights, scfg, stages):
         self.args, self.ddp, self.rank, self.world, self.stages = args, ddp, rank, world, stages
@@ -411,7 +408,10 @@ class Run:
         except (OSError, ValueError) as e:
             fail(e)
         self.loops = LoopSampler(None, scfg.size, scenes=self.dataset.scenes) if args.loopaug > 0 else None
-        hold_out_dir(args.out) if rank == 0 else os.makedirs(args.out, exist_ok=True)
+        if rank == 0:
+            hold_out_dir(args.out)
+        else:
+            os.makedirs(args.out, exist_ok=True)
         self.interrupt, self.seconds = StopFlag(), {}
 
     def batch(self, step, stage):
@@ -436,8 +436,9 @@ class Run:
         return [x.to(args.device) for x in (b["src"], b["tgt"], cam_src, cam_tgt)], depth, photo
 
     def budget(self, stage):
-        """Seconds this stage may use (--minutes): all of them for one stage; with both, the causal
-        stage its share and the selfforcing stage the rest, what causal did not use included."""
+        """Seconds of wall-clock time this stage may use (--minutes): all of them for one stage;
+        with both, the causal stage its share and the selfforcing stage the rest, what causal did
+        not use included."""
         total = 60 * self.args.minutes
         if len(self.stages) == 1:
             return total
@@ -458,8 +459,7 @@ def stage_step(run, stage, step, nets, max_steps):
     else:
         loss, gnorm_g, gn, exit_step, loss_c = selfforcing_step(
             student, opt, run.teacher, critic, batch, args.steps, g, gs, CLIP, args.recon, run.world, run.autocast,
-            0.0 if photo else args.dmd, opt_c, args.critic_steps, args.guidance,   # the teacher saw no photograph
-            bool(args.dmd_gate))
+            0.0 if photo else args.dmd, opt_c, args.critic_steps, args.guidance)   # the teacher saw no photograph
         msg += (f" | loss {loss.item():.3e} | critic {loss_c.item():.4f} | |g| {gnorm_g.mean().item():.2f}"
                 f" | gnorm {gn.item():.2f} | exit {exit_step}" + (" | photos: no DMD" if photo else ""))
     return msg, ((step, loss.item(), gn.item()) if nonfinite(loss, gn) else None)

@@ -14,7 +14,7 @@ import model
 
 from conftest import ROOT
 from attention import KVCache
-from distill import dmd_loss, dmd_timestep, gate_free, real_score, recon_loss, rollout, selfforcing_step
+from distill import dmd_loss, dmd_timestep, real_score, recon_loss, rollout, selfforcing_step
 from model import PRESETS, decode_target, save_checkpoint, student_chunk, student_sample, student_timesteps
 from test_model import inputs, random_model
 
@@ -256,30 +256,6 @@ def test_dmd_step_moves_the_student_toward_the_real_score():
         selfforcing_step(student, opt, teacher, critic, batch, 2, g, gs, clip=1e9, dmd=1.0, recon=0.0, opt_c=opt_c)
         x = go(student)
         assert (x - real).abs().mean() < 0.5 and x.mean() * real > 0, f"real {real}: rollout mean {x.mean():.3f}"
-
-
-def test_dmd_without_the_gate_moves_the_planes_and_never_the_gate():
-    """--dmd_gate 0 (gate_free): the rollout's value is unchanged, and a DMD step (recon 0) gives the
-    warp head's gate rows no gradient while its plane rows and the trunk get DMD's; with the gate
-    (the default) the gate rows get it too."""
-    cfg = replace(TINY, window=2)
-    src, tgt, cs, ct, _ = inputs(2, 3)
-    K, pp = len(cfg.warp), cfg.patch ** 2
-    grads = {}
-    for keep in (True, False):
-        student = random_model(cfg, 0)
-        heads = []
-        x = rollout(student, src, cs, ct, 2, 1, torch.Generator().manual_seed(0), heads)
-        assert len(heads) == 3 and torch.allclose(gate_free(cfg, x, heads, src, cs, ct), x, atol=1e-5)
-        opt, opt_c = torch.optim.SGD(student.parameters(), lr=0.0), torch.optim.SGD(ConstX(0).parameters(), lr=0.0)
-        g, gs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
-        selfforcing_step(student, opt, ConstX(0.5), ConstX(-0.5), (src, tgt, cs, ct), 2, g, gs, clip=1e9, dmd=1.0,
-                         recon=0.0, opt_c=opt_c, dmd_gate=keep)
-        w = student.warp_out.weight.grad
-        grads[keep] = (w[:K * pp].abs().sum().item(), w[K * pp:].abs().sum().item(),
-                       student.blocks[0].attn.qkv.weight.grad.abs().sum().item())
-    assert grads[False][1] == 0 and grads[True][1] > 0, grads
-    assert grads[False][0] > 0 and grads[False][2] > 0, grads
 
 
 def test_critic_learns_the_students_samples_not_the_truth():
