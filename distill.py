@@ -1,7 +1,7 @@
 """
 Distill the bidirectional many-step teacher into a few-step block-causal student
 (DESIGN.md section 4): causal adaptation, then Self-Forcing rollouts regressed on the true target
-(optionally DMD with a critic, --dmd).
+and DMD with a critic (--dmd).
 
     python distill.py                                  # both stages, runs/teacher/ckpt.pt -> runs/student/ckpt.pt
     python distill.py --stage causal --teacher runs/tiny/ckpt.pt --out runs/tiny_student --causal_steps 50
@@ -16,7 +16,7 @@ teacher.py's depth term where the data has depth (the synthetic stream, data.py'
 Stage `selfforcing` (OUT/selfforcing.pt): the student generates the target chunk by chunk from its
 own KV cache (model.student_chunk) and one exit step per rollout keeps gradients. Two losses on
 the rollout: a reconstruction term against the true target (--recon, on by default: multi-view
-data has it) and DMD (--dmd, off by default), which compares the frozen teacher (real score) with
+data has it) and DMD (--dmd, weight 1), which compares the frozen teacher (real score) with
 a critic (fake score) trained online on the student's samples, on every rollout but the
 photographs' (--photos: the teacher saw none); --dmd 1 --recon 0 is the method's plain DMD.
 docs/results.md ("Does DMD help?") has the measurements behind the defaults. OUT/ckpt.pt, what
@@ -258,10 +258,9 @@ def parse_args():
     p.add_argument("--recon", type=float, default=1.0,
                    help="weight of the reconstruction term: the Self-Forcing rollout against the true target, "
                         "the mean over frames of log(mse) (minus PSNR)")
-    p.add_argument("--dmd", type=float, default=0.0,
+    p.add_argument("--dmd", type=float, default=1.0,
                    help="weight of the DMD term beside the reconstruction, not on photo rollouts (0: no critic and no "
-                        "teacher calls, 2.2x faster a step; docs/results.md, Does DMD help?: why the shipped student "
-                        "does without)")
+                        "teacher calls, 2x faster a step; docs/results.md, Does DMD help?: the weights measured)")
     p.add_argument("--eval_every", type=int, default=100,
                    help="steps between held-out evaluations, and one at the end (0: none)")
     p.add_argument("--seed", type=int, default=0, help="data and noise seed")

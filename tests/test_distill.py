@@ -322,14 +322,14 @@ def test_loss_switches_through_distill(script, tmp_path):
 
 
 def test_critic_only_where_dmd_runs(script, tmp_path):
-    """--dmd 0 (the default) builds no critic: the stage's checkpoint holds none. Resumed with
+    """--dmd 0 builds no critic: the stage's checkpoint holds none. Resumed with
     --dmd 1 and more steps, the stage builds one from the teacher, trains it and saves it. The
     warp head (the teacher's) trains at its own rate, --warp_lr's default 2e-3."""
     teacher, init, tpath, spath = sf_start(tmp_path)
     out = tmp_path / "s"
     common = ["--stage", "selfforcing", "--teacher", tpath, "--init", spath, "--out", out, "--critic_steps", 1, "--pairs", 2,
               "--max_pairs", 2, "--eval_every", 0]
-    script("distill.py", *common, "--selfforcing_steps", 1)
+    script("distill.py", *common, "--selfforcing_steps", 1, "--dmd", 0)
     ck = torch.load(str(out / "selfforcing.pt"), weights_only=True)
     assert ck["step"] == 1 and "critic" not in ck and "optim_critic" not in ck
     assert [g["lr"] for g in ck["optim"]["param_groups"]] == [5e-5, 2e-3]
