@@ -353,15 +353,18 @@ def save_sample_video(path, src, gen, tgt, fps=4.0):
 
 def stream_report(x, b):
     """A long stream's figures: by thirds (view_metrics), by quarters (co-visible and all-pixel
-    gain over copy, detail) and by frame (PSNR, co-visible PSNR of x, copy and the oracle, detail)."""
+    gain over copy, detail; the co-visible gain clip by clip: one bad clip can hold a quarter down)
+    and by frame (PSNR, co-visible PSNR of x, copy and the oracle, detail)."""
     T = x.shape[1]
     frames = lambda sl: {k: (v[:, sl] if v.ndim > 2 and v.shape[1] == T else v) for k, v in b.items()}
     r = {f"third{k + 1}": view_metrics(x[:, sl], frames(sl)) for k, sl in enumerate(torch.arange(T).chunk(3))}
     r["quarters"] = []
     for sl in torch.arange(T).chunk(4):
         v = view_metrics(x[:, sl], frames(sl))
+        clip = [view_metrics(x[c:c + 1, sl], {k: u[c:c + 1] for k, u in frames(sl).items()}) for c in range(len(x))]
         r["quarters"].append(dict(covis_gain=v["covis"] - v["covis_copy"], gain=v["psnr"] - v["psnr_copy"],
-                                  detail=detail(x[:, sl], b["tgt"][:, sl]).mean().item(), frames=[int(sl[0]), int(sl[-1])]))
+                                  detail=detail(x[:, sl], b["tgt"][:, sl]).mean().item(), frames=[int(sl[0]), int(sl[-1])],
+                                  by_clip=[c["covis"] - c["covis_copy"] for c in clip]))
     per = [view_metrics(x[:, i:i + 1], frames(slice(i, i + 1))) for i in range(T)]
     r["by_frame"] = {k: [v[k] for v in per] for k in ("psnr", "psnr_copy", "covis", "covis_copy", "covis_oracle")}
     r["by_frame"]["detail"] = detail(x, b["tgt"], by_frame=True).tolist()
@@ -380,6 +383,8 @@ def run_stream(model, steps, n_clips, T, device, baseline):
     for name, r in rows.items():
         print(f"  {name:24s} by quarter, co-visible gain over copy / all-pixel gain / detail: "
               + " | ".join(f"{q['covis_gain']:+.2f} / {q['gain']:+.2f} / {q['detail']:.2f}" for q in r["quarters"]))
+    print("  co-visible gain over copy by quarter, clip by clip: "
+          + " | ".join(" ".join(f"{v:+.1f}" for v in q["by_clip"]) for q in own["quarters"]))
     step = max(1, T // 24)                                          # a figure a block of frames
     bf = own["by_frame"]
     blocks = lambda v, fmt: " ".join(format(nanmean(torch.tensor(v[i:i + step])), fmt) for i in range(0, T, step))

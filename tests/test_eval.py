@@ -88,7 +88,12 @@ def test_window_1_is_memoryless_and_eval_restores_the_window():
 
 
 def test_stream_report_by_quarter_and_frame():
-    b = E.stream_batch(1, 8, 16)
+    b = E.stream_batch(2, 8, 16)
     r = E.stream_report(b["src"], b)                                   # copy: no gain anywhere
     assert len(r["quarters"]) == 4 and all(abs(q["covis_gain"]) < 1e-9 for q in r["quarters"])
+    x = b["src"].clone()
+    x[1] = x[1] + 0.3                                                  # the second clip off by 0.3: it alone loses
+    for q in E.stream_report(x, b)["quarters"]:
+        assert abs(q["by_clip"][0]) < 1e-9 and q["by_clip"][1] < -3
+        assert abs(sum(q["by_clip"]) / 2 - q["covis_gain"]) < 1e-4      # the clips' mean is the quarter's
     assert len(r["by_frame"]["detail"]) == 8 and {"third1", "third2", "third3"} <= set(r)
