@@ -31,7 +31,8 @@ import torch.nn.functional as F
 import camera
 import data
 import render
-from common import ArgumentParser, check_args, check_device, check_out_dir, default_device, fail, hold_out_dir
+from common import (ArgumentParser, check_args, check_device, check_finite, check_out_dir, default_device, fail,
+                    hold_out_dir)
 from model import SHIPPED_STUDENT, load_model, student_sample, teacher_sample
 
 EVAL_SEED = 2 ** 31 + 7_000_000  # held-out scenes; training draws seeds in [0, 2**31 - 1)
@@ -271,14 +272,16 @@ def rays(batch, size, device):
 
 
 @torch.no_grad()
-def generate(model, batch, steps, student=False, device="cpu", seed=0):
+def generate(model, batch, steps, student=False, device="cpu", seed=0, guidance=1.0):
     """Target pixels (B, T, 3, H, W) for a batch of clips: the teacher's bidirectional Euler
-    sampler, or the student's chunk-by-chunk few-step sampler with its KV cache."""
+    sampler (classifier-free guidance on the camera at scale guidance), or the student's
+    chunk-by-chunk few-step sampler with its KV cache."""
     src = batch["src"].to(device)
     cam_src, cam_tgt = rays(batch, model.cfg.size, device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    sampler = student_sample if student else teacher_sample
-    return sampler(model, src, cam_src, cam_tgt, steps, generator=gen).cpu()
+    if student:
+        return student_sample(model, src, cam_src, cam_tgt, steps, generator=gen).cpu()
+    return teacher_sample(model, src, cam_src, cam_tgt, steps, generator=gen, guidance=guidance).cpu()
 
 
 @contextmanager
@@ -464,6 +467,8 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=str, default=None,
                    help="comma-separated sampling steps (default: 50 for a teacher, 1,2,4 for a student)")
     p.add_argument("--families", type=str, default=",".join(FAMILIES), help="comma-separated trajectory families")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="teachers: classifier-free guidance scale on the camera (a teacher trained with --cond_drop)")
     p.add_argument("--fx", type=float, default=1.0,
                    help="focal length of the held-out cameras, in image widths (1 = 53.13 degrees; training draws 0.8..1.2)")
     p.add_argument("--out", type=str, default="runs/eval", help="output folder (created if missing): eval.json, eval.png")
@@ -485,6 +490,7 @@ if __name__ == "__main__":
     p.add_argument("--device", type=str, default=default_device(), help="cpu, cuda or cuda:N (default: cuda if available)")
     args = p.parse_args()
     check_args(args, positive=("clips", "frames", "real_size"), nonneg=("stream", "loops", "memory", "baseline", "sink"))
+    check_finite(args, ("guidance",))
     if not 0.1 <= args.fx <= 10:
         fail(f"--fx is a focal length in image widths, 0.1..10, got {args.fx}")
     steps_list = parse_steps(args.steps) if args.steps is not None else None
@@ -510,6 +516,8 @@ if __name__ == "__main__":
     except ValueError as e:
         fail(e)
     student = "student" in ckpt
+    if student and args.guidance != 1:
+        fail(f"--guidance is the teacher sampler's; {args.ckpt} is a student (its few steps take no guidance)")
     S = model.cfg.size
     steps_list = steps_list or ([1, 2, 4] if student else [50])
     trained = ckpt["student"].get("steps") if student else None
@@ -525,7 +533,7 @@ if __name__ == "__main__":
         rows, by_frame = {}, []
         for fam, b in batches.items():
             t0 = time.time()
-            x = generate(model, b, steps, student, args.device)
+            x = generate(model, b, steps, student, args.device, guidance=args.guidance)
             dt = time.time() - t0
             y, s = b["tgt"], b["src"]
             rows[fam] = dict(**view_metrics(x, b), ssim=ssim(x, y).mean().item(), ssim_copy=ssim(s, y).mean().item(),
@@ -542,6 +550,7 @@ if __name__ == "__main__":
         gain = sum(r["covis"] - r["covis_copy"] for r in geo) / len(geo) if geo else float("nan")
         frames = torch.stack(by_frame).mean(0).tolist() if by_frame else []
         runs.append(dict(sampler="student" if student else "teacher", steps=steps, families=rows, mean=mean,
+                         **({} if student else dict(guidance=args.guidance)),
                          covis_gain=gain, static=rows["static"]["psnr"] if "static" in rows else None,
                          detail_by_frame=frames))
         print(f"\n{steps} steps: PSNR (dB) on all / co-visible / other pixels; copy = copy-the-source; "

@@ -57,6 +57,8 @@ CASES = [
     ("eval.py", "--steps 0", "--steps must be at least 1"),
     ("eval.py", "--frames 0", "--frames must be at least 1"),
     ("eval.py", "--clips 0", "--clips must be at least 1"),
+    ("eval.py", "--guidance 1.5", "--guidance is the teacher sampler's"),
+    ("eval.py", "--guidance nan", "--guidance must be a finite number, got nan"),
     ("eval.py", "--real {d}/no_videos_here", "is not a folder of videos (python real.py --fetch"),
     ("eval.py", "--real_size 0", "--real_size must be at least 1"),
     ("eval.py", "--frames x", "argument --frames: invalid int value"),
