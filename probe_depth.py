@@ -8,13 +8,19 @@ kept. Against the true depth, on co-visible target pixels:
 - the co-visible gain over copy as made, and with the head's plane weights replaced by the ones
   the true depth asks for (camera.plane_weights; the same gate, the rest of the frame as made):
   what a right depth would add to this very network. Pan turns the camera: every plane lands on
-  the same source pixel there, so its depth is free and its two gains agree.
+  the same source pixel there, so its depth is free and its two gains agree;
+- by band of true inverse depth (far: under 0.15, sky and far background; near: over 2.25, the
+  ground below the camera and the nearest objects; the middle between), the head's median there
+  and the gain with the true depth on that band alone: which depths cost the most;
+- the gain with the true weights averaged over each patch (one blend a patch token): whether the
+  head's resolution or its depth is the limit.
 
     python probe_depth.py --ckpt checkpoints/student_small.pt
 """
 import json
 
 import torch
+import torch.nn.functional as F
 
 import camera
 from common import ArgumentParser, fail
@@ -23,6 +29,7 @@ from model import (KVCache, decode_target, frame_cond, load_model, student_chunk
                    warp_term)
 
 FAMILIES = ("orbit", "dolly", "truck", "pan")
+BANDS = {"far": (0.0, 0.15), "middle": (0.15, 2.25), "near": (2.25, float("inf"))}   # true inverse depth
 
 
 def parse_args():
@@ -67,11 +74,22 @@ def probe(model, fam, args, student):
     cond, k_src = frame_cond(cfg, src, cam_tgt), camera.source_intrinsics(cam_src)
     term = lambda wk: warp_term(torch.cat([wk.clamp(min=1e-12).log(), o[:, :, K:]], 2).flatten(0, 1), cond, k_src, cfg.warp)
     x = decode_target(x0, src, cfg)
-    x_true = decode_target(x0 - term(w) + term(w_true), src, cfg)
+    with_weights = lambda wk: decode_target(x0 - term(w) + term(wk), src, cfg)   # the rest as made
+    x_true = with_weights(w_true)
     copy = nanmean(psnr(src, y, covis))
+    gain = lambda xk: nanmean(psnr(xk, y, covis)) - copy
+    rho, rho_true = mean_rho(w), mean_rho(w_true)
+    bands, med = {}, lambda t: t.median().item() if t.numel() else float("nan")   # a band may be empty
+    for name, (lo, hi) in BANDS.items():
+        band = (rho_true >= lo) & (rho_true < hi)
+        bands[name] = dict(share=(band & covis).sum().item() / covis.sum().item(),
+                           rho_true=med(rho_true[band & covis]), rho=med(rho[band & covis]),
+                           gain_true_depth=gain(with_weights(torch.where(band[:, :, None], w_true, w))))
+    p = cfg.patch
+    w_patch = F.interpolate(F.avg_pool2d(w_true.flatten(0, 1), p), scale_factor=p, mode="nearest").view_as(w_true)
     return dict(rho_err=err.median().item(), within=(err < 0.125).float().mean().item(),
-                top=w.max(2).values[covis].median().item(),
-                gain=nanmean(psnr(x, y, covis)) - copy, gain_true_depth=nanmean(psnr(x_true, y, covis)) - copy,
+                top=w.max(2).values[covis].median().item(), gain=gain(x), gain_true_depth=gain(x_true),
+                gain_patch_depth=gain(with_weights(w_patch)), bands=bands,
                 detail=detail(x, y).mean().item(), detail_true_depth=detail(x_true, y).mean().item())
 
 
@@ -86,12 +104,18 @@ def main():
     student = "student" in ckpt
     print(f"{args.ckpt}: {'student, %d step(s)' % args.steps if student else 'teacher, one-step mean'}; "
           f"validation scenes, {args.clips} clips x {args.frames} frames a family; co-visible pixels")
-    print("family | |rho - true| median | within 0.125 | top weight | gain over copy: as made / true depth | detail: as made / true depth")
+    print("family | |rho - true| median | within 0.125 | top weight | gain over copy: as made / true depth / true "
+          "depth a patch | detail: as made / true depth")
     res = {}
-    for fam in FAMILIES:
+    for fam in FAMILIES:                                                # a row as each family is done
         r = res[fam] = probe(model, fam, args, student)
-        print(f"{fam} | {r['rho_err']:.3f} | {r['within']:.2f} | {r['top']:.2f} | {r['gain']:+.2f} / "
-              f"{r['gain_true_depth']:+.2f} | {r['detail']:.2f} / {r['detail_true_depth']:.2f}", flush=True)
+        print(f"{fam} | {r['rho_err']:.3f} | {r['within']:.2f} | {r['top']:.2f} | {r['gain']:+.2f} / {r['gain_true_depth']:+.2f}"
+              f" / {r['gain_patch_depth']:+.2f} | {r['detail']:.2f} / {r['detail_true_depth']:.2f}", flush=True)
+    print("by band of true inverse depth (" + ", ".join(f"{k} {lo:g}-{hi:g}" for k, (lo, hi) in BANDS.items())
+          + "): share of the co-visible pixels, the median inverse depth true / the head's, gain with the true depth there alone")
+    for fam, r in res.items():
+        print(f"{fam} | " + " | ".join(f"{k} {b['share']:.2f}, {b['rho_true']:.2f} / {b['rho']:.2f}, {b['gain_true_depth']:+.2f}"
+                                       for k, b in r["bands"].items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
