@@ -74,7 +74,8 @@ def probe(model, fam, args, student):
     cond, k_src = frame_cond(cfg, src, cam_tgt), camera.source_intrinsics(cam_src)
     term = lambda wk: warp_term(torch.cat([wk.clamp(min=1e-12).log(), o[:, :, K:]], 2).flatten(0, 1), cond, k_src, cfg.warp)
     x = decode_target(x0, src, cfg)
-    with_weights = lambda wk: decode_target(x0 - term(w) + term(wk), src, cfg)   # the rest as made
+    rest = x0 - term(w)                                                      # the frame without the head's blend
+    with_weights = lambda wk: decode_target(rest + term(wk), src, cfg)
     x_true = with_weights(w_true)
     copy = nanmean(psnr(src, y, covis))
     gain = lambda xk: nanmean(psnr(xk, y, covis)) - copy
@@ -82,8 +83,8 @@ def probe(model, fam, args, student):
     bands, med = {}, lambda t: t.median().item() if t.numel() else float("nan")   # a band may be empty
     for name, (lo, hi) in BANDS.items():
         band = (rho_true >= lo) & (rho_true < hi)
-        bands[name] = dict(share=(band & covis).sum().item() / covis.sum().item(),
-                           rho_true=med(rho_true[band & covis]), rho=med(rho[band & covis]),
+        seen = band & covis
+        bands[name] = dict(share=seen.sum().item() / covis.sum().item(), rho_true=med(rho_true[seen]), rho=med(rho[seen]),
                            gain_true_depth=gain(with_weights(torch.where(band[:, :, None], w_true, w))))
     p = cfg.patch
     w_patch = F.interpolate(F.avg_pool2d(w_true.flatten(0, 1), p), scale_factor=p, mode="nearest").view_as(w_true)
