@@ -69,8 +69,8 @@ def probe(model, fam, args, student):
     x0, o = made(model, src, cam_src, cam_tgt, args.steps, student)
     w_true, covis = camera.plane_target(b, cfg.warp)
     w = o[:, :, :K].softmax(2)
-    mean_rho = lambda wk: (wk * planes.view(-1, 1, 1)).sum(2)                 # the true one: rho in the planes' range
-    err = (mean_rho(w) - mean_rho(w_true)).abs()[covis]
+    rho, rho_true = ((wk * planes.view(-1, 1, 1)).sum(2) for wk in (w, w_true))   # the true one: in the planes' range
+    err = (rho - rho_true).abs()[covis]
     cond, k_src = frame_cond(cfg, src, cam_tgt), camera.source_intrinsics(cam_src)
     term = lambda wk: warp_term(torch.cat([wk.clamp(min=1e-12).log(), o[:, :, K:]], 2).flatten(0, 1), cond, k_src, cfg.warp)
     x = decode_target(x0, src, cfg)
@@ -79,7 +79,6 @@ def probe(model, fam, args, student):
     x_true = with_weights(w_true)
     copy = nanmean(psnr(src, y, covis))
     gain = lambda xk: nanmean(psnr(xk, y, covis)) - copy
-    rho, rho_true = mean_rho(w), mean_rho(w_true)
     bands, med = {}, lambda t: t.median().item() if t.numel() else float("nan")   # a band may be empty
     for name, (lo, hi) in BANDS.items():
         band = (rho_true >= lo) & (rho_true < hi)
