@@ -13,7 +13,7 @@ chunks plus cfg.sink first ones).
 - KVCache streams the student chunk by chunk with exactly the outputs of the full block-causal
   forward, in static buffers (memory and time a frame stay flat).
 The RoPE rotations are here too: keys are rotated when written and their time channels re-rotated
-as the cache moves on (the angles themselves are model.rope_angles).
+as the cache moves on (the angles themselves: rope_angles).
 """
 from collections import namedtuple
 
@@ -27,6 +27,17 @@ def rope_freqs(n, device, base=10000.0):
     return base ** (-torch.arange(n, device=device, dtype=torch.float32) / n)
 
 
+def rope_angles(time, row, col, head_dim, base=10000.0):
+    """3D RoPE angles (..., N, head_dim / 2): a quarter of the rotary pairs (the first ones) for
+    time, the rest split between row and column. time (N,); row, col (N,) or per head (B, H, N),
+    fractional positions allowed."""
+    n_t = head_dim // 8                     # rotary pairs for time (a quarter of the channels)
+    n_h = (head_dim // 2 - n_t) // 2
+    n_w = head_dim // 2 - n_t - n_h
+    f = lambda n: rope_freqs(n, time.device, base)
+    a_h, a_w = row[..., None].float() * f(n_h), col[..., None].float() * f(n_w)
+    a_t = (time[:, None].float() * f(n_t)).expand(a_h.shape[:-1] + (n_t,))
+    return torch.cat([a_t, a_h, a_w], -1)
 
 
 def time_rotation(time, n_t, device):
@@ -34,7 +45,6 @@ def time_rotation(time, n_t, device):
     t = torch.as_tensor(time, device=device, dtype=torch.float32)
     a = t[..., None] * rope_freqs(n_t, device)
     return a.cos(), a.sin()
-
 
 
 def apply_rope(x, cos, sin):
@@ -223,6 +233,7 @@ class KVCache:
     def reset(self):
         """Start a new stream; the buffers and captured CUDA graphs stay (same batch size)."""
         self.chunks, self.written, self.cur, self.n = [], set(), None, 0
+        self.sources = None        # model.student_chunk's last source frames and poses (the warp head's memory)
 
     def __len__(self):
         """Tokens written and still visible to a later query."""

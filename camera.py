@@ -189,6 +189,54 @@ def pair_rays(rel, K_src, K_tgt, H, W):
     eye = torch.eye(4, device=rel.device).expand_as(rel)
     return plucker(eye, K_src, H, W), plucker(rel, K_tgt, H, W)
 
+def source_memory(src, pose, J, pairs=False):
+    """The warp head's memory of each of T frames (model.warp_term): its J earlier source frames,
+    newest first, src (B, T, 3, H, W) -> (B, T, J, 3, H, W); where its source camera is in each
+    of theirs, from the source's poses pose (B, T, 4, 4) in any fixed world frame (the source's
+    own motion, which the pair's rays do not carry) -> (B, T, J, 4, 4); and which exist (T, J).
+    pairs: for the 2T frames of a forward over pairs (sources, then targets; sources have none)."""
+    T = src.shape[1]
+    lag = torch.arange(T, device=src.device)[:, None] - torch.arange(1, J + 1, device=src.device)[None]   # frame f - j
+    i = lag.clamp(min=0)
+    mem = src[:, i], invert_pose(pose[:, i]) @ pose[:, :, None], lag >= 0
+    none = torch.zeros_like(mem[2])
+    return (torch.cat([mem[0]] * 2, 1), torch.cat([mem[1]] * 2, 1), torch.cat([none, mem[2]])) if pairs else mem
+
+
+def move_planes(u, v, rho, Q):
+    """Points of fronto-parallel planes z = 1 / rho of one camera (rho (K,), 0 = infinity) at
+    image positions (u, v) = (x/z, y/z) (B, K, F, H, W), seen from a camera whose frame holds the
+    first one at Q (B, F, 4, 4): their (x/z, y/z) there, and whether they are in front of it. The
+    point (u, v, 1) / rho is (u, v, 1, rho) in homogeneous form: infinity moves by rotation alone."""
+    R, t = Q[..., :3, :3], Q[..., :3, 3]
+    p = torch.stack([u, v, torch.ones_like(u)], -1)                              # (B, K, F, H, W, 3)
+    q = torch.einsum("bfij,bkfhwj->bkfhwi", R, p) + rho.view(1, -1, 1, 1, 1, 1) * t[:, None, :, None, None]
+    z = q[..., 2]
+    return q[..., 0] / z.clamp(min=1e-6), q[..., 1] / z.clamp(min=1e-6), z > 1e-6
+
+
+def remembered(seen, grid, u, v, rho, memory, to_grid):
+    """The warp head's plane colours seen (B F K, 3, H, W), sampled from the current source at grid
+    (B F K, H, W, 2) for points (u, v) on planes rho (move_planes): where a point is outside the
+    current source's view, the colour of the newest earlier source of memory (source_memory,
+    selected for these frames) that has it in view. to_grid turns (u, v) into sampling grids."""
+    srcs, Q, ok = memory
+    B, Fr, J = srcs.shape[:3]
+    K = rho.shape[0]
+    inside = lambda g: (g.abs() <= 1).all(-1)
+    have = inside(grid)
+    for j in range(J):
+        uj, vj, front = move_planes(u, v, rho, Q[:, :, j])
+        gj = to_grid(uj, vj)
+        got = F.grid_sample(srcs[:, :, j].flatten(0, 1).repeat_interleave(K, 0), gj, mode="bilinear",
+                            padding_mode="border", align_corners=False)
+        new = inside(gj) & front.transpose(1, 2).flatten(0, 2) & ~have
+        new &= ok[..., j].expand(B, Fr).flatten()[:, None].repeat_interleave(K, 0)[..., None]
+        seen = torch.where(new.view(B * Fr, K, 1, *new.shape[-2:]), got.view_as(seen), seen)
+        have |= new
+    return seen
+
+
 # -----------------------------------------------------------------------------
 # trajectory presets (DESIGN section 6), all relative to the live source camera
 

@@ -11,7 +11,8 @@ students, beside the same student with window 1 (no memory, --baseline): an orbi
 the KV cache (--stream_frames, by thirds, quarters and frame); with --loops, loops in which the
 source moves on while the target comes back to where it was (agreement between the visits, PSNR
 at both, on the pixels only memory can give back); with --memory, the source turning or sliding
-away while the target stays (pixels only the KV cache still sees). docs/loops.md has the
+away while the target stays (pixels only the KV cache still sees; both also with the source's
+motion given, which lets the warp head take them from earlier source frames). docs/loops.md has the
 definitions. Prints tables, writes runs/eval/eval.json and eval.png (--out).
 
     python eval.py                                     # the shipped student (checkpoints/)
@@ -276,15 +277,17 @@ def rays(batch, size, device):
 
 
 @torch.no_grad()
-def generate(model, batch, steps, student=False, device="cpu", seed=0, guidance=1.0):
+def generate(model, batch, steps, student=False, device="cpu", seed=0, guidance=1.0, motion=False):
     """Target pixels (B, T, 3, H, W) for a batch of clips: the teacher's bidirectional Euler
     sampler (classifier-free guidance on the camera at scale guidance), or the student's
-    chunk-by-chunk few-step sampler with its KV cache."""
+    chunk-by-chunk few-step sampler with its KV cache (motion: given the source's poses c2w_src,
+    its warp head's memory)."""
     src = batch["src"].to(device)
     cam_src, cam_tgt = rays(batch, model.cfg.size, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     if student:
-        return student_sample(model, src, cam_src, cam_tgt, steps, generator=gen).cpu()
+        pose = batch["c2w_src"].to(device) if motion else None
+        return student_sample(model, src, cam_src, cam_tgt, steps, generator=gen, pose_src=pose).cpu()
     return teacher_sample(model, src, cam_src, cam_tgt, steps, generator=gen, guidance=guidance).cpu()
 
 
@@ -300,9 +303,10 @@ def memory(model, window, sink=0):
         model.cfg.window, model.cfg.sink = old
 
 
-def student_rows(model, b, steps, device, baseline=1, sink=0):
+def student_rows(model, b, steps, device, baseline=1, sink=0, motion=False):
     """{label: generated targets}: the student with its own window, with window `baseline` (the
-    memoryless baseline; 0: not run) and with its window plus `sink` sink chunks (0: not run)."""
+    memoryless baseline; 0: not run), with its window plus `sink` sink chunks (0: not run) and
+    given the source's motion (motion: the warp head's memory; the batch's c2w_src)."""
     w = model.cfg.window
     rows = {f"student, window {w or 'all'}": generate(model, b, steps, True, device)}
     if baseline:
@@ -311,6 +315,8 @@ def student_rows(model, b, steps, device, baseline=1, sink=0):
     if sink:
         with memory(model, w, sink):
             rows[f"student, window {w} + {sink} sinks"] = generate(model, b, steps, True, device)
+    if motion:
+        rows[f"student, window {w} + source motion"] = generate(model, b, steps, True, device, motion=True)
     return rows
 
 
@@ -407,17 +413,17 @@ def run_loops(model, steps, n_clips, L, device, baseline, sink):
     out = {}
     for kind in LOOPS:
         b, pairs = loop_batch(kind, n_clips, L, model.cfg.size)
-        rows = student_rows(model, b, steps, device, baseline, sink)
+        rows = student_rows(model, b, steps, device, baseline, sink, motion=True)
         rows.update({"copy the source": b["src"], "oracle, no memory": warp_oracle(b, 1),
                      "oracle, perfect memory": warp_oracle(b, L)})
         res = {k: loop_metrics(x, b, pairs) for k, x in rows.items()}
         share = next(iter(res.values()))["mem_share"]
         print(f"\nloop '{kind}' ({L} frames, {steps} steps, {n_clips} clips): the source {'turns' if kind == 'turn' else 'slides'}"
               f" away, the target goes with it and comes back alone; {len(pairs)} revisited frames, memory pixels "
-              f"{100 * share:.0f}%\n{'':29s} {'agree':>6s} {'first':>6s} {'revisit':>7s} | memory pixels: "
+              f"{100 * share:.0f}%\n{'':34s} {'agree':>6s} {'first':>6s} {'revisit':>7s} | memory pixels: "
               f"{'agree':>6s} {'first':>6s} {'revisit':>7s} {'lost':>6s}")
         for k, r in res.items():
-            print(f"{k:29s} {r['agree']:6.2f} {r['first']:6.2f} {r['revisit']:7.2f} |                {r['agree_mem']:6.2f} "
+            print(f"{k:34s} {r['agree']:6.2f} {r['first']:6.2f} {r['revisit']:7.2f} |                {r['agree_mem']:6.2f} "
                   f"{r['first_mem']:6.2f} {r['revisit_mem']:7.2f} {r['first_mem'] - r['revisit_mem']:+6.2f}")
         out[kind] = dict(frames=L, steps=steps, clips=n_clips, rows=res)
     print("agree: PSNR between the frames at the same pose on both visits; first / revisit: against the truth "
@@ -435,7 +441,7 @@ def run_memory(model, steps, n_clips, device, baseline):
           f"but one of the last {w - 1} source frames did (recent), and on those it sees (now)")
     for kind in LOOPS:
         b = probe_batch(kind, n_clips, model.cfg.size)
-        rows = student_rows(model, b, steps, device, baseline)
+        rows = student_rows(model, b, steps, device, baseline, motion=True)
         rows.update({"copy the source": b["src"], "oracle, no memory": warp_oracle(b, 1),
                      f"oracle, memory {w}": warp_oracle(b, w)})
         res = {k: memory_metrics(x, b, w) for k, x in rows.items()}
@@ -443,8 +449,9 @@ def run_memory(model, steps, n_clips, device, baseline):
         print(f"  {kind} (recent pixels {100 * next(iter(res.values()))['recent_share']:.1f}%): "
               + " | ".join(f"{k} {r['recent']:.2f} / {r['now']:.2f}" for k, r in res.items()))
         if baseline:
-            own, base = list(res.values())[:2]
-            print(f"  {kind}: own window over window {baseline} on the recent pixels: {own['recent'] - base['recent']:+.2f} dB")
+            (own, base), mo = list(res.values())[:2], res[f"student, window {w} + source motion"]
+            print(f"  {kind}: own window over window {baseline} on the recent pixels: {own['recent'] - base['recent']:+.2f} dB"
+                  f" (given the source's motion: {mo['recent'] - base['recent']:+.2f} dB)")
     return out
 
 

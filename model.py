@@ -23,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from attention import KVCache, apply_rope, attend, const, full_plan, ints, rope_freqs
-from camera import source_intrinsics
+from attention import KVCache, apply_rope, attend, const, full_plan, ints, rope_angles
+from camera import remembered, source_intrinsics, source_memory
 
 # The warp head's planes, inverse depths: the synthetic scenes' inverse depths are 0 (sky) to
 # about 2.3 (the subject at 1), some ground closer
@@ -147,20 +147,7 @@ def null_camera(cam_tgt):
 
 
 # -----------------------------------------------------------------------------
-# RoPE and camera RoPE (the rotations themselves: attention.py)
-
-def rope_angles(time, row, col, head_dim, base=10000.0):
-    """3D RoPE angles (..., N, head_dim / 2): a quarter of the rotary pairs (the first ones) for
-    time, the rest split between row and column. time (N,); row, col (N,) or per head (B, H, N),
-    fractional positions allowed."""
-    n_t = head_dim // 8                     # rotary pairs for time (a quarter of the channels)
-    n_h = (head_dim // 2 - n_t) // 2
-    n_w = head_dim // 2 - n_t - n_h
-    f = lambda n: rope_freqs(n, time.device, base)
-    a_h, a_w = row[..., None].float() * f(n_h), col[..., None].float() * f(n_w)
-    a_t = (time[:, None].float() * f(n_t)).expand(a_h.shape[:-1] + (n_t,))
-    return torch.cat([a_t, a_h, a_w], -1)
-
+# camera RoPE (the angles and rotations: attention.py)
 
 def plane_uv(cam, planes):
     """Where each pixel's ray meets the fronto-parallel planes z = 1 / rho of the source camera
@@ -201,7 +188,7 @@ def plane_positions(cam, cfg):
     return row[:, head], col[:, head]                                            # (B, heads, F * L)
 
 
-def warp_term(o, cam, k_src, planes):
+def warp_term(o, cam, k_src, planes, memory=None):
     """The warp head's term (B, F, 3, H, W) from its outputs o (BF, K + 1, H, W), K plane logits
     and a gate a pixel, for targets of conditioning cam (B, F, 3 + 6, H, W), at any resolution
     (hires.py renders at the output's): gate * (sum_k w_k src(x_k) - src(x)), where x_k is
@@ -214,15 +201,19 @@ def warp_term(o, cam, k_src, planes):
     A choice between colours, not a flow field: a logit's gradient is the colour its plane
     would bring, however far away. The gate is linear and starts at 0, so the head starts
     silent and a network without it is continued unchanged (distill.py adds it so). Per pixel:
-    no key or value changes, the KV cache stays exact."""
+    no key or value changes, the KV cache stays exact. With memory (camera.source_memory), a point
+    x_k outside the source's view takes its colour from the newest earlier source that saw it."""
     (B, Fr, _, H, W), K = cam.shape, len(planes)
     u, v = plane_uv(cam[:, :, -6:], planes)                                     # (B, K, F, H, W)
     fx, fy, cx, cy = (k[:, None, :, None, None] for k in k_src.to(u.dtype).unbind(-1))
-    grid = torch.stack([2 * (fx * u + cx) - 1, 2 * (fy * v + cy) - 1], -1)      # grid_sample's [-1, 1]
-    grid = grid.transpose(1, 2).flatten(0, 2)                                   # (BFK, H, W, 2)
+    to_grid = lambda u, v: torch.stack([2 * (fx * u + cx) - 1, 2 * (fy * v + cy) - 1], -1).transpose(1, 2).flatten(0, 2)
+    grid = to_grid(u, v)                                                         # (BFK, H, W, 2), grid_sample's [-1, 1]
     src = cam[:, :, :3].flatten(0, 1)                                            # (BF, 3, H, W)
     seen = F.grid_sample(src.repeat_interleave(K, 0), grid, mode="bilinear", padding_mode="border",
                          align_corners=False).view(B * Fr, K, 3, H, W)
+    if memory is not None:
+        rho = const(("rho_k", tuple(planes), str(u.device), u.dtype), lambda: torch.tensor(planes, device=u.device, dtype=u.dtype))
+        seen = remembered(seen, grid, u, v, rho, memory, to_grid)
     mix = (o[:, :K].softmax(1)[:, :, None] * seen).sum(1)
     return (o[:, K:] * (mix - src)).view(B, Fr, 3, H, W)
 
@@ -353,7 +344,7 @@ class RealCamDiT(nn.Module):
         ang = rope_angles(tok_time, *plane_positions(cam[:, :, -6:], cfg), Dh)       # (B, H, N, Dh / 2)
         return ang.cos(), ang.sin()
 
-    def run(self, x, cam, t, time, role, plan, cache=None, k_src=None):
+    def run(self, x, cam, t, time, role, plan, cache=None, k_src=None, memory=None):
         """The tensor work of a forward, given its metadata (Python tuples) and attention plan."""
         dev = x.device
         h = self.patch_embed(self.patchify(torch.cat([x, cam], 2)))             # (B, F, L, D)
@@ -374,17 +365,17 @@ class RealCamDiT(nn.Module):
             return out
         if k_src is None:
             raise ValueError("the warp head needs the source intrinsics k_src (model.source_intrinsics)")
-        return out + self.warp(h, cam, k_src)
+        return out + self.warp(h, cam, k_src, memory)
 
-    def warp(self, h, cam, k_src):
+    def warp(self, h, cam, k_src, memory=None):
         """The warp head's term (B, F, 3, H, W) for tokens h: its plane logits and gate, a pixel
         (the last kept as self.last_warp (BF, K + 1, H, W), with its gradient when there is one:
         hires.py, teacher.py's depth term), turned into pixels by warp_term."""
         o = self.unpatchify(self.warp_out(h)).flatten(0, 1)                      # (BF, K + 1, H, W)
         self.last_warp = o
-        return warp_term(o, cam, k_src, self.cfg.warp)
+        return warp_term(o, cam, k_src, self.cfg.warp, memory)
 
-    def forward_frames(self, x, cam, t, time, role, causal, cache=None, write=False, k_src=None):
+    def forward_frames(self, x, cam, t, time, role, causal, cache=None, write=False, k_src=None, memory=None):
         """Core forward over F frames with per-frame metadata.
         x (B, F, 3, H, W) pixels or noisy x_t; cam (B, F, C, H, W): the frame's conditioning
         channels (frame_cond: Plucker rays, after the pair's source pixels if cfg.src_concat);
@@ -392,29 +383,31 @@ class RealCamDiT(nn.Module):
         Python ranges, lists or tuples (a CUDA tensor costs a host sync).
         With a cache (causal only), the frames (one chunk) attend to the cached tokens too;
         write=True makes them part of the cache. k_src (B, F, 4): each frame's source intrinsics
-        (source_intrinsics), which the warp head needs for target frames.
+        (source_intrinsics), which the warp head needs for target frames; memory: its memory of
+        these frames (warp_term), or None.
         Returns the network's x0 prediction (B, F, 3, H, W)."""
         time, role = ints(time), ints(role)
         if cache is None:
             plan = full_plan(time, role, causal, self.cfg, self.grid ** 2, x.device)
-            return self.run(x, cam, t, time, role, plan, k_src=k_src)
+            return self.run(x, cam, t, time, role, plan, k_src=k_src, memory=memory)
         assert causal, "a KV-cached pass is block-causal"
         plan = cache.begin(time, role, write)
         k = k_src if k_src is not None else x.new_zeros(x.shape[0], x.shape[1], 4)   # a graph's inputs are tensors
-        run = lambda x, cam, t, k: self.run(x, cam, t, plan.rel_time, role, plan, cache, k if k_src is not None else None)
-        if cache.graphs and x.is_cuda and plan.steady and not torch.is_grad_enabled():
+        run = lambda x, cam, t, k: self.run(x, cam, t, plan.rel_time, role, plan, cache, k if k_src is not None else None, memory)
+        if cache.graphs and x.is_cuda and plan.steady and not torch.is_grad_enabled() and memory is None:
             out = cache.replay(run, plan, x, cam, t, k)
         else:
             out = run(x, cam, t, k)
         cache.end(plan, role, write)
         return out
 
-    def forward(self, src, xt, cam_src, cam_tgt, t, causal=False, time0=0):
+    def forward(self, src, xt, cam_src, cam_tgt, t, causal=False, time0=0, pose_src=None):
         """Full forward over T synchronized pairs, laid out sources first [s0 .. s_T-1, t0 .. t_T-1]
         (attention depends on positions and roles, not on the order of the sequence).
         src, xt (B, T, 3, H, W): clean source, noisy target; cam_* (B, T, 6, H, W) Plucker rays
         (frame_cond adds the source pixels to the targets' if cfg.src_concat);
-        t (B, T) noise level of each target (sources are always clean, t = 0).
+        t (B, T) noise level of each target (sources are always clean, t = 0). Causal, with the
+        source's poses pose_src (B, T, 4, 4), the warp head remembers the window's earlier sources.
         Returns the x0 prediction for the targets (B, T, 3, H, W)."""
         B, T = src.shape[:2]
         assert not causal or time0 % self.cfg.chunk == 0, "a causal forward starts on a chunk boundary"
@@ -423,7 +416,9 @@ class RealCamDiT(nn.Module):
         tt = torch.cat([torch.zeros_like(t), t], 1)                               # (B, 2T)
         time, role = tuple(range(time0, time0 + T)) * 2, (0,) * T + (1,) * T
         k = torch.cat([source_intrinsics(cam_src)] * 2, 1) if self.cfg.warp else None
-        return self.forward_frames(x, cam, tt, time, role, causal, k_src=k)[:, T:]
+        mem = None if pose_src is None or not causal or self.cfg.window < 2 else \
+            source_memory(src, pose_src, self.cfg.window - 1, pairs=True)
+        return self.forward_frames(x, cam, tt, time, role, causal, k_src=k, memory=mem)[:, T:]
 
 
 def compile_blocks(model, **kw):
@@ -462,7 +457,7 @@ def student_timesteps(steps, shift):
     return [shift_t(1 - j / steps, shift) for j in range(steps)]
 
 
-def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_step=None, heads=None):
+def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_step=None, heads=None, pose_src=None):
     """Generate one chunk of n target frames with the student's KV cache, in diffusion space.
     src (B, n, 3, H, W), cam_* (B, n, 6, H, W), time (n,) absolute pair indices (a range or a
     list; a CUDA tensor costs one host sync), noise (steps, B, n, 3, H, W): the starting noise
@@ -470,15 +465,22 @@ def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_
     The chunk's source frames are encoded once (sources never see targets); then steps
     0..exit_step (default: all) on the targets, of which only the last keeps gradients (when grad
     is enabled); then a t = 0 pass without gradient writes the chunk's clean keys and values.
-    heads: a list that gets the warp head's outputs of the last step (hires.py)."""
+    heads: a list that gets the warp head's outputs of the last step (hires.py). pose_src (B, n,
+    4, 4): the sources' poses (the source's own motion), which let the warp head take what the
+    current source does not see from the last cfg.window - 1 sources (kept in the cache)."""
     cfg, (B, n) = model.cfg, src.shape[:2]
     time, ts = ints(time), student_timesteps(steps, model.cfg.shift)
     last = steps - 1 if exit_step is None else exit_step
     grad = torch.is_grad_enabled()
     zeros = torch.zeros(B, n, device=src.device)
     k = source_intrinsics(cam_src) if cfg.warp else None                      # the warp head's
-    cond = frame_cond(cfg, src, cam_tgt)
-    targets = lambda x, t, write: model.forward_frames(x, cond, t, time, (1,) * n, True, cache, write, k)
+    cond, mem = frame_cond(cfg, src, cam_tgt), None
+    if pose_src is not None and cfg.window > 1:
+        J, (hs, hp) = cfg.window - 1, cache.sources or (src[:, :0], pose_src[:, :0])
+        s, p = torch.cat([hs, src], 1), torch.cat([hp, pose_src], 1)
+        (ms, mq, ok), h = source_memory(s, p, J), hs.shape[1]
+        mem, cache.sources = (ms[:, h:], mq[:, h:], ok[h:]), (s[:, -J:], p[:, -J:])
+    targets = lambda x, t, write: model.forward_frames(x, cond, t, time, (1,) * n, True, cache, write, k, mem)
     with torch.no_grad():
         model.forward_frames(src, frame_cond(cfg, None, cam_src), zeros, time, (0,) * n, True, cache, True)
     x = noise[0]
@@ -495,9 +497,10 @@ def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_
 
 
 @torch.no_grad()
-def student_sample(model, src, cam_src, cam_tgt, steps=4, generator=None, cache=None, time0=0):
-    """Few-step block-causal generation of T target frames, chunk by chunk with a KV cache.
-    Returns target pixels (B, T, 3, H, W)."""
+def student_sample(model, src, cam_src, cam_tgt, steps=4, generator=None, cache=None, time0=0, pose_src=None):
+    """Few-step block-causal generation of T target frames, chunk by chunk with a KV cache (with
+    the sources' poses pose_src (B, T, 4, 4): the warp head's memory). Returns target pixels
+    (B, T, 3, H, W)."""
     cfg, (B, T) = model.cfg, src.shape[:2]
     cache = cache if cache is not None else KVCache(cfg)
     out = []
@@ -506,7 +509,8 @@ def student_sample(model, src, cam_src, cam_tgt, steps=4, generator=None, cache=
         n = sl.stop - sl.start
         noise = torch.randn((steps, B, n) + src.shape[2:], generator=generator, device=src.device)
         x0 = student_chunk(model, cache, src[:, sl], cam_src[:, sl], cam_tgt[:, sl],
-                           range(sl.start + time0, sl.stop + time0), steps, noise)
+                           range(sl.start + time0, sl.stop + time0), steps, noise,
+                           pose_src=None if pose_src is None else pose_src[:, sl])
         out.append(decode_target(x0, src[:, sl], cfg))
     return torch.cat(out, 1)
 

@@ -161,6 +161,44 @@ def test_warp_head_moves_the_source_as_the_plane_says(k, K_src, K_tgt):
     assert torch.allclose(got, want, atol=1e-4)
 
 
+def test_warp_head_remembers_what_the_source_turned_away_from():
+    """Known answer: the source turns 9 degrees a frame, the target stays at the source's first
+    pose, every pixel's choice is the plane at infinity (rotations move it exactly) and the gate
+    is open. Given the source's motion, each target pixel comes from the newest of the last two
+    source frames whose view holds its direction (camera.reproject at infinite depth decides,
+    independently), the current one first; a pixel none holds keeps the current source's border.
+    Without the memory, only the current source."""
+    import camera
+    cfg = replace(TINY, warp=model.WARP_PLANES, window=3)
+    m, p, S, P, T = RealCamDiT(cfg), cfg.patch, cfg.size, len(cfg.warp), 4
+    with torch.no_grad():
+        b = m.warp_out.bias.view(P + 1, p, p)
+        b[cfg.warp.index(0.0)], b[P] = 50.0, 1.0                 # plane at infinity, gate 1
+    pose = camera.camera_path(yaw=0.16 * torch.arange(T), pitch=0.03 * torch.arange(T), n=T)[0][None]   # (1, T, 4, 4)
+    rel = camera.invert_pose(pose) @ pose[:, :1]                 # the target stays where the source started
+    K = torch.tensor([1.1, 1.0, 0.5, 0.48]).expand(1, T, 4)
+    cs, ct = camera.pair_rays(rel, K, K, S, S)
+    src = torch.randn(1, T, 3, S, S)
+    h, k = torch.zeros(1, T, (S // p) ** 2, cfg.dim), model.source_intrinsics(cs)
+    cam = model.frame_cond(cfg, src, ct)
+    got = src + m.warp(h, cam, k, camera.source_memory(src, pose, 2))
+    alone = src + m.warp(h, cam, k)
+    inf = torch.full((1, 1, S, S), float("inf"))
+    for f in range(T):
+        want, done = None, torch.zeros(S, S, dtype=torch.bool)
+        for j in range(min(f, 2) + 1):                           # newest first: the current source, then f-1, f-2
+            q = camera.invert_pose(pose[:, f - j]) @ pose[:, :1]  # the target in source f-j's frame
+            uv, _, _ = camera.reproject(inf, q, K[:, :1], K[:, :1])
+            col = camera.warp_source(src[:, f - j:f - j + 1], uv * 2 - 1)[0, 0]
+            inside = ((uv[0, 0] > 0) & (uv[0, 0] < 1)).all(-1)
+            want = col if j == 0 else torch.where((inside & ~done)[None], col, want)
+            done |= inside
+        assert torch.allclose(got[0, f], want, atol=1e-4), f"frame {f}"
+        if f == 0:
+            assert torch.allclose(got[0, 0], alone[0, 0])
+    assert (got - alone).abs().amax((0, 2, 3, 4))[1:].min() > 0.5   # frames 1-3: memory brought pixels back
+
+
 def test_warp_head_needs_the_source_intrinsics():
     """A target pass of a network with the warp head and no source intrinsics is an error, not a
     silent guess of them."""
@@ -236,6 +274,36 @@ def test_kv_cache_equals_full_causal_forward(chunk, window, sink, source_once, c
     if window:   # the rolling cache holds a bounded number of chunks
         L = (cfg.size // cfg.patch) ** 2
         assert len(cache) <= (window + sink) * chunk * 2 * L
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_kv_cache_with_memory_equals_full_causal_forward(window):
+    """Streaming with the source's poses (the warp head's memory of the window's earlier
+    sources, kept by the cache) equals the full block-causal forward given the same poses, one
+    step a frame; with window 1 there is nothing to remember and the poses change nothing."""
+    import camera
+    cfg = replace(TINY, warp=model.WARP_PLANES, window=window)
+    m = random_model(cfg)
+    B, T = 2, 6
+    src, xt, cs, ct, t = inputs(B, T, cfg)
+    K = torch.tensor([1.0, 1.0, 0.5, 0.5]).expand(B, T, 4)
+    cs, ct = camera.pair_rays(camera.camera_path(orbit=0.3, n=T)[0].expand(B, T, 4, 4), K, K, cfg.size, cfg.size)
+    pose = camera.camera_path(yaw=0.2 * torch.arange(T), move=(0.05 * torch.arange(T), 0.0, 0.0), n=T)[0].expand(B, T, 4, 4)
+    noise = torch.randn(T, 1, B, 1, 3, cfg.size, cfg.size)
+    def stream(p):
+        cache, xs = KVCache(cfg), []
+        for f in range(T):
+            xs.append(model.student_chunk(m, cache, src[:, f:f + 1], cs[:, f:f + 1], ct[:, f:f + 1], range(f, f + 1), 1,
+                                          noise[f], pose_src=None if p is None else p[:, f:f + 1]))
+        return torch.cat(xs, 1)
+    with torch.no_grad():
+        got, plain = stream(pose), stream(None)
+        for f in range(T):
+            tt = torch.cat([torch.zeros(B, f), torch.ones(B, 1)], 1)
+            ref = m(src[:, :f + 1], torch.cat([got[:, :f], noise[f, 0]], 1), cs[:, :f + 1], ct[:, :f + 1], tt, causal=True,
+                    pose_src=pose[:, :f + 1])[:, f]
+            assert (got[:, f] - ref).norm() / ref.norm() < 1e-5, f"frame {f}"
+    assert torch.allclose(got, plain, atol=1e-6) == (window == 1)
 
 
 def test_window_changes_the_output():
