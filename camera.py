@@ -195,6 +195,8 @@ def source_memory(src, pose, J, pairs=False):
     of theirs, from the source's poses pose (B, T, 4, 4) in any fixed world frame (the source's
     own motion, which the pair's rays do not carry) -> (B, T, J, 4, 4); and which exist (T, J).
     pairs: for the 2T frames of a forward over pairs (sources, then targets; sources have none)."""
+    if pose.shape != src.shape[:2] + (4, 4):
+        raise ValueError(f"the source's poses must be (B, T, 4, 4) = {tuple(src.shape[:2]) + (4, 4)}, got {tuple(pose.shape)}")
     T = src.shape[1]
     lag = torch.arange(T, device=src.device)[:, None] - torch.arange(1, J + 1, device=src.device)[None]   # frame f - j
     i = lag.clamp(min=0)

@@ -304,6 +304,9 @@ def test_kv_cache_with_memory_equals_full_causal_forward(window):
                     pose_src=pose[:, :f + 1])[:, f]
             assert (got[:, f] - ref).norm() / ref.norm() < 1e-5, f"frame {f}"
     assert torch.allclose(got, plain, atol=1e-6) == (window == 1)
+    if window > 1:
+        with pytest.raises(ValueError, match="source's poses"):
+            model.student_sample(m, src, cs, ct, 1, pose_src=pose[:, :, :3])
 
 
 def test_window_changes_the_output():
