@@ -193,23 +193,37 @@ def source_memory(src, pose, J, pairs=False):
     """The warp head's memory of each of T frames (model.warp_term): its J earlier source frames,
     newest first, src (B, T, 3, H, W) -> (B, T, J, 3, H, W); where its source camera is in each
     of theirs, from the source's poses pose (B, T, 4, 4) in any fixed world frame (the source's
-    own motion, which the pair's rays do not carry) -> (B, T, J, 4, 4); and which exist (T, J).
-    pairs: for the 2T frames of a forward over pairs (sources, then targets; sources have none)."""
+    own motion, which the pair's rays do not carry) -> (B, T, J, 4, 4), float32; and which exist
+    (T, J). pairs: for the 2T frames of a forward over pairs (sources, then targets; sources have
+    none)."""
     if pose.shape != src.shape[:2] + (4, 4):
         raise ValueError(f"the source's poses must be (B, T, 4, 4) = {tuple(src.shape[:2]) + (4, 4)}, got {tuple(pose.shape)}")
     T = src.shape[1]
     lag = torch.arange(T, device=src.device)[:, None] - torch.arange(1, J + 1, device=src.device)[None]   # frame f - j
     i = lag.clamp(min=0)
-    mem = src[:, i], invert_pose(pose[:, i]) @ pose[:, :, None], lag >= 0
+    with torch.autocast(src.device.type, enabled=False):                      # poses far from the origin: float32
+        pose = pose.float()
+        mem = src[:, i], invert_pose(pose[:, i]) @ pose[:, :, None], lag >= 0
     none = torch.zeros_like(mem[2])
     return (torch.cat([mem[0]] * 2, 1), torch.cat([mem[1]] * 2, 1), torch.cat([none, mem[2]])) if pairs else mem
 
 
+def stream_memory(kept, src, pose, J):
+    """source_memory for a chunk of a stream (src, pose: its frames), given what the last chunk
+    kept: (frames, poses) of the J source frames before it, None at the start. Returns the
+    chunk's memory and what to keep for the next chunk (model.student_chunk keeps it in its cache)."""
+    hs, hp = kept if kept is not None else (src[:, :0], pose[:, :0])
+    s, p = torch.cat([hs, src], 1), torch.cat([hp, pose.to(hp)], 1)
+    (ms, mq, ok), h = source_memory(s, p, J), hs.shape[1]
+    return (ms[:, h:], mq[:, h:], ok[h:]), (s[:, -J:], p[:, -J:])
+
+
 def move_planes(u, v, rho, Q):
     """Points of fronto-parallel planes z = 1 / rho of one camera (rho (K,), 0 = infinity) at
-    image positions (u, v) = (x/z, y/z) (B, K, F, H, W), seen from a camera whose frame holds the
-    first one at Q (B, F, 4, 4): their (x/z, y/z) there, and whether they are in front of it. The
-    point (u, v, 1) / rho is (u, v, 1, rho) in homogeneous form: infinity moves by rotation alone."""
+    image positions (u, v) = (x/z, y/z) (B, K, F, H, W), seen from another camera; Q (B, F, 4, 4)
+    = inv(c2w_other) @ c2w_this, the first camera's pose in the other's frame. Returns their (x/z,
+    y/z) there and whether they lie in front of it. The point (u, v, 1) / rho is (u, v, 1, rho) in
+    homogeneous form: infinity moves by rotation alone."""
     R, t = Q[..., :3, :3], Q[..., :3, 3]
     p = torch.stack([u, v, torch.ones_like(u)], -1)                              # (B, K, F, H, W, 3)
     q = torch.einsum("bfij,bkfhwj->bkfhwi", R, p) + rho.view(1, -1, 1, 1, 1, 1) * t[:, None, :, None, None]
@@ -218,20 +232,24 @@ def move_planes(u, v, rho, Q):
 
 
 def remembered(seen, grid, u, v, rho, memory, to_grid):
-    """The warp head's plane colours seen (B F K, 3, H, W), sampled from the current source at grid
+    """The warp head's plane colours seen (B F, K, 3, H, W), sampled from the current source at grid
     (B F K, H, W, 2) for points (u, v) on planes rho (move_planes): where a point is outside the
-    current source's view, the colour of the newest earlier source of memory (source_memory,
-    selected for these frames) that has it in view. to_grid turns (u, v) into sampling grids."""
+    current source's field of view, the colour of the newest earlier source of memory
+    (source_memory, selected for these frames) whose field of view holds it (occlusion is not
+    checked: the plane is the head's guess of the depth). to_grid turns (u, v) into sampling
+    grids. The checks of lag (ok) and of points behind a camera (front) are defensive: a missing
+    lag points at frame 0 itself, and a point behind lands far outside."""
     srcs, Q, ok = memory
     B, Fr, J = srcs.shape[:3]
     K = rho.shape[0]
     inside = lambda g: (g.abs() <= 1).all(-1)
     have = inside(grid)
     for j in range(J):
-        uj, vj, front = move_planes(u, v, rho, Q[:, :, j])
-        gj = to_grid(uj, vj)
-        got = F.grid_sample(srcs[:, :, j].flatten(0, 1).repeat_interleave(K, 0), gj, mode="bilinear",
-                            padding_mode="border", align_corners=False)
+        with torch.autocast(u.device.type, enabled=False):                    # the geometry in float32
+            uj, vj, front = move_planes(u.float(), v.float(), rho.float(), Q[:, :, j].float())
+            gj = to_grid(uj, vj).float()
+            got = F.grid_sample(srcs[:, :, j].flatten(0, 1).float().repeat_interleave(K, 0), gj, mode="bilinear",
+                                padding_mode="border", align_corners=False).to(seen.dtype)
         new = inside(gj) & front.transpose(1, 2).flatten(0, 2) & ~have
         new &= ok[..., j].expand(B, Fr).flatten()[:, None].repeat_interleave(K, 0)[..., None]
         seen = torch.where(new.view(B * Fr, K, 1, *new.shape[-2:]), got.view_as(seen), seen)

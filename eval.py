@@ -316,7 +316,7 @@ def student_rows(model, b, steps, device, baseline=1, sink=0, motion=False):
         with memory(model, w, sink):
             rows[f"student, window {w} + {sink} sinks"] = generate(model, b, steps, True, device)
     if motion:
-        rows[f"student, window {w} + source motion"] = generate(model, b, steps, True, device, motion=True)
+        rows[f"student, window {w or 'all'} + source motion"] = generate(model, b, steps, True, device, motion=True)
     return rows
 
 
@@ -449,7 +449,7 @@ def run_memory(model, steps, n_clips, device, baseline):
         print(f"  {kind} (recent pixels {100 * next(iter(res.values()))['recent_share']:.1f}%): "
               + " | ".join(f"{k} {r['recent']:.2f} / {r['now']:.2f}" for k, r in res.items()))
         if baseline:
-            (own, base), mo = list(res.values())[:2], res[f"student, window {w} + source motion"]
+            (own, base), mo = list(res.values())[:2], res[f"student, window {w or 'all'} + source motion"]
             print(f"  {kind}: own window over window {baseline} on the recent pixels: {own['recent'] - base['recent']:+.2f} dB"
                   f" (given the source's motion: {mo['recent'] - base['recent']:+.2f} dB)")
     return out

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from attention import KVCache, apply_rope, attend, const, full_plan, ints, rope_angles
-from camera import remembered, source_intrinsics, source_memory
+from camera import remembered, source_intrinsics, source_memory, stream_memory
 
 # The warp head's planes, inverse depths: the synthetic scenes' inverse depths are 0 (sky) to
 # about 2.3 (the subject at 1), some ground closer
@@ -201,8 +201,8 @@ def warp_term(o, cam, k_src, planes, memory=None):
     A choice between colours, not a flow field: a logit's gradient is the colour its plane
     would bring, however far away. The gate is linear and starts at 0, so the head starts
     silent and a network without it is continued unchanged (distill.py adds it so). Per pixel:
-    no key or value changes, the KV cache stays exact. With memory (camera.source_memory), a point
-    x_k outside the source's view takes its colour from the newest earlier source that saw it."""
+    no key or value changes, the KV cache stays exact. With memory (camera.source_memory), x_k out
+    of the source's field of view takes the newest earlier source's colour there (no occlusion test)."""
     (B, Fr, _, H, W), K = cam.shape, len(planes)
     u, v = plane_uv(cam[:, :, -6:], planes)                                     # (B, K, F, H, W)
     fx, fy, cx, cy = (k[:, None, :, None, None] for k in k_src.to(u.dtype).unbind(-1))
@@ -384,7 +384,7 @@ class RealCamDiT(nn.Module):
         With a cache (causal only), the frames (one chunk) attend to the cached tokens too;
         write=True makes them part of the cache. k_src (B, F, 4): each frame's source intrinsics
         (source_intrinsics), which the warp head needs for target frames; memory: its memory of
-        these frames (warp_term), or None.
+        these frames (warp_term), or None (with memory, no CUDA-graph replay).
         Returns the network's x0 prediction (B, F, 3, H, W)."""
         time, role = ints(time), ints(role)
         if cache is None:
@@ -407,7 +407,7 @@ class RealCamDiT(nn.Module):
         src, xt (B, T, 3, H, W): clean source, noisy target; cam_* (B, T, 6, H, W) Plucker rays
         (frame_cond adds the source pixels to the targets' if cfg.src_concat);
         t (B, T) noise level of each target (sources are always clean, t = 0). Causal, with the
-        source's poses pose_src (B, T, 4, 4), the warp head remembers the window's earlier sources.
+        source's poses pose_src (B, T, 4, 4), the warp head remembers the last window - 1 sources.
         Returns the x0 prediction for the targets (B, T, 3, H, W)."""
         B, T = src.shape[:2]
         assert not causal or time0 % self.cfg.chunk == 0, "a causal forward starts on a chunk boundary"
@@ -416,7 +416,7 @@ class RealCamDiT(nn.Module):
         tt = torch.cat([torch.zeros_like(t), t], 1)                               # (B, 2T)
         time, role = tuple(range(time0, time0 + T)) * 2, (0,) * T + (1,) * T
         k = torch.cat([source_intrinsics(cam_src)] * 2, 1) if self.cfg.warp else None
-        mem = None if pose_src is None or not causal or self.cfg.window < 2 else \
+        mem = None if pose_src is None or not causal or not self.cfg.warp or self.cfg.window < 2 else \
             source_memory(src, pose_src, self.cfg.window - 1, pairs=True)
         return self.forward_frames(x, cam, tt, time, role, causal, k_src=k, memory=mem)[:, T:]
 
@@ -467,7 +467,8 @@ def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_
     is enabled); then a t = 0 pass without gradient writes the chunk's clean keys and values.
     heads: a list that gets the warp head's outputs of the last step (hires.py). pose_src (B, n,
     4, 4): the sources' poses (the source's own motion), which let the warp head take what the
-    current source does not see from the last cfg.window - 1 sources (kept in the cache)."""
+    current source does not see from the last cfg.window - 1 source frames (kept in the cache;
+    a rolling window, cfg.window >= 2, is needed)."""
     cfg, (B, n) = model.cfg, src.shape[:2]
     time, ts = ints(time), student_timesteps(steps, model.cfg.shift)
     last = steps - 1 if exit_step is None else exit_step
@@ -475,11 +476,10 @@ def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_
     zeros = torch.zeros(B, n, device=src.device)
     k = source_intrinsics(cam_src) if cfg.warp else None                      # the warp head's
     cond, mem = frame_cond(cfg, src, cam_tgt), None
-    if pose_src is not None and cfg.window > 1:
-        J, (hs, hp) = cfg.window - 1, cache.sources or (src[:, :0], pose_src[:, :0])
-        s, p = torch.cat([hs, src], 1), torch.cat([hp, pose_src], 1)
-        (ms, mq, ok), h = source_memory(s, p, J), hs.shape[1]
-        mem, cache.sources = (ms[:, h:], mq[:, h:], ok[h:]), (s[:, -J:], p[:, -J:])
+    if pose_src is not None and cfg.warp and cfg.window > 1:                # the last window - 1 source frames
+        mem, cache.sources = stream_memory(cache.sources, src, pose_src, cfg.window - 1)
+    else:
+        cache.sources = None                                                  # a chunk without poses ends the memory
     targets = lambda x, t, write: model.forward_frames(x, cond, t, time, (1,) * n, True, cache, write, k, mem)
     with torch.no_grad():
         model.forward_frames(src, frame_cond(cfg, None, cam_src), zeros, time, (0,) * n, True, cache, True)

@@ -161,20 +161,24 @@ def test_warp_head_moves_the_source_as_the_plane_says(k, K_src, K_tgt):
     assert torch.allclose(got, want, atol=1e-4)
 
 
-def test_warp_head_remembers_what_the_source_turned_away_from():
-    """Known answer: the source turns 9 degrees a frame, the target stays at the source's first
-    pose, every pixel's choice is the plane at infinity (rotations move it exactly) and the gate
-    is open. Given the source's motion, each target pixel comes from the newest of the last two
-    source frames whose view holds its direction (camera.reproject at infinite depth decides,
-    independently), the current one first; a pixel none holds keeps the current source's border.
-    Without the memory, only the current source."""
+@pytest.mark.parametrize("motion,rho", [("turn", 0.0), ("slide", 2.0)])
+def test_warp_head_remembers_what_the_source_turned_away_from(motion, rho):
+    """Known answer: the source turns 9 degrees a frame (or slides 0.12 sideways), the target
+    stays at the source's first pose, every pixel's choice is one plane (at infinity; at inverse
+    depth 2 for the slide, where the plane's distance matters) and the gate is open. Given the
+    source's motion, each target pixel comes from the newest of the last two source frames whose
+    view holds the plane's point (camera.reproject decides, independently: the point's depth
+    seen from the target, sent into each source), the current one first; a pixel none holds
+    keeps the current source's border. Without the memory, only the current source."""
     import camera
     cfg = replace(TINY, warp=model.WARP_PLANES, window=3)
     m, p, S, P, T = RealCamDiT(cfg), cfg.patch, cfg.size, len(cfg.warp), 4
     with torch.no_grad():
         b = m.warp_out.bias.view(P + 1, p, p)
-        b[cfg.warp.index(0.0)], b[P] = 50.0, 1.0                 # plane at infinity, gate 1
-    pose = camera.camera_path(yaw=0.16 * torch.arange(T), pitch=0.03 * torch.arange(T), n=T)[0][None]   # (1, T, 4, 4)
+        b[cfg.warp.index(rho)], b[P] = 50.0, 1.0                  # one plane, gate 1
+    a = torch.arange(T, dtype=torch.float32)
+    move = dict(yaw=0.16 * a, pitch=0.03 * a) if motion == "turn" else dict(move=(0.12 * a, 0.02 * a, 0.0))
+    pose = camera.camera_path(**move, n=T)[0][None]               # (1, T, 4, 4)
     rel = camera.invert_pose(pose) @ pose[:, :1]                 # the target stays where the source started
     K = torch.tensor([1.1, 1.0, 0.5, 0.48]).expand(1, T, 4)
     cs, ct = camera.pair_rays(rel, K, K, S, S)
@@ -183,19 +187,22 @@ def test_warp_head_remembers_what_the_source_turned_away_from():
     cam = model.frame_cond(cfg, src, ct)
     got = src + m.warp(h, cam, k, camera.source_memory(src, pose, 2))
     alone = src + m.warp(h, cam, k)
-    inf = torch.full((1, 1, S, S), float("inf"))
+    px = ((torch.arange(S) + 0.5) / S - K[0, 0, 2]) / K[0, 0, 0]
+    py = ((torch.arange(S) + 0.5) / S - K[0, 0, 3]) / K[0, 0, 1]
+    ray = torch.stack([px.expand(S, S), py[:, None].expand(S, S), torch.ones(S, S)], -1)   # target rays (H, W, 3)
     for f in range(T):
+        R, c = rel[0, f, :3, :3], rel[0, f, :3, 3]               # the target in source f's frame
+        depth = ((1 / rho - c[2]) / (ray @ R.T)[..., 2] if rho else torch.full((S, S), float("inf")))[None, None]
         want, done = None, torch.zeros(S, S, dtype=torch.bool)
         for j in range(min(f, 2) + 1):                           # newest first: the current source, then f-1, f-2
             q = camera.invert_pose(pose[:, f - j]) @ pose[:, :1]  # the target in source f-j's frame
-            uv, _, _ = camera.reproject(inf, q, K[:, :1], K[:, :1])
+            uv, _, _ = camera.reproject(depth, q, K[:, :1], K[:, :1])
             col = camera.warp_source(src[:, f - j:f - j + 1], uv * 2 - 1)[0, 0]
             inside = ((uv[0, 0] > 0) & (uv[0, 0] < 1)).all(-1)
             want = col if j == 0 else torch.where((inside & ~done)[None], col, want)
             done |= inside
         assert torch.allclose(got[0, f], want, atol=1e-4), f"frame {f}"
-        if f == 0:
-            assert torch.allclose(got[0, 0], alone[0, 0])
+    assert torch.allclose(got[0, 0], alone[0, 0])
     assert (got - alone).abs().amax((0, 2, 3, 4))[1:].min() > 0.5   # frames 1-3: memory brought pixels back
 
 
@@ -276,33 +283,37 @@ def test_kv_cache_equals_full_causal_forward(chunk, window, sink, source_once, c
         assert len(cache) <= (window + sink) * chunk * 2 * L
 
 
-@pytest.mark.parametrize("window", [1, 3])
-def test_kv_cache_with_memory_equals_full_causal_forward(window):
-    """Streaming with the source's poses (the warp head's memory of the window's earlier
-    sources, kept by the cache) equals the full block-causal forward given the same poses, one
-    step a frame; with window 1 there is nothing to remember and the poses change nothing."""
+@pytest.mark.parametrize("chunk,window", [(1, 1), (1, 3), (2, 2), (2, 3)])
+def test_kv_cache_with_memory_equals_full_causal_forward(chunk, window):
+    """Streaming with the source's poses (the warp head's memory of the last window - 1 source
+    frames, kept by the cache) equals the full block-causal forward given the same poses, one
+    step a chunk, for a source that turns back and forth and slides; a reset cache streams it
+    again the same; with window 1 there is nothing to remember and the poses change nothing."""
     import camera
-    cfg = replace(TINY, warp=model.WARP_PLANES, window=window)
+    cfg = replace(TINY, warp=model.WARP_PLANES, window=window, chunk=chunk)
     m = random_model(cfg)
     B, T = 2, 6
-    src, xt, cs, ct, t = inputs(B, T, cfg)
+    src = inputs(B, T, cfg)[0]
     K = torch.tensor([1.0, 1.0, 0.5, 0.5]).expand(B, T, 4)
     cs, ct = camera.pair_rays(camera.camera_path(orbit=0.3, n=T)[0].expand(B, T, 4, 4), K, K, cfg.size, cfg.size)
-    pose = camera.camera_path(yaw=0.2 * torch.arange(T), move=(0.05 * torch.arange(T), 0.0, 0.0), n=T)[0].expand(B, T, 4, 4)
-    noise = torch.randn(T, 1, B, 1, 3, cfg.size, cfg.size)
+    a = torch.arange(T, dtype=torch.float32)
+    pose = camera.camera_path(yaw=0.3 * torch.cos(2 * a), move=(0.05 * a, 0.0, 0.0), n=T)[0].expand(B, T, 4, 4)
+    noise = torch.randn(T // chunk, 1, B, chunk, 3, cfg.size, cfg.size)
+    cache = KVCache(cfg)
     def stream(p):
-        cache, xs = KVCache(cfg), []
-        for f in range(T):
-            xs.append(model.student_chunk(m, cache, src[:, f:f + 1], cs[:, f:f + 1], ct[:, f:f + 1], range(f, f + 1), 1,
-                                          noise[f], pose_src=None if p is None else p[:, f:f + 1]))
+        cache.reset()
+        xs = [model.student_chunk(m, cache, src[:, c:c + chunk], cs[:, c:c + chunk], ct[:, c:c + chunk],
+                                  range(c, c + chunk), 1, noise[c // chunk], pose_src=None if p is None else p[:, c:c + chunk])
+              for c in range(0, T, chunk)]
         return torch.cat(xs, 1)
     with torch.no_grad():
-        got, plain = stream(pose), stream(None)
-        for f in range(T):
-            tt = torch.cat([torch.zeros(B, f), torch.ones(B, 1)], 1)
-            ref = m(src[:, :f + 1], torch.cat([got[:, :f], noise[f, 0]], 1), cs[:, :f + 1], ct[:, :f + 1], tt, causal=True,
-                    pose_src=pose[:, :f + 1])[:, f]
-            assert (got[:, f] - ref).norm() / ref.norm() < 1e-5, f"frame {f}"
+        got, again, plain = stream(pose), stream(pose), stream(None)
+        for c in range(0, T, chunk):
+            tt = torch.cat([torch.zeros(B, c), torch.ones(B, chunk)], 1)
+            ref = m(src[:, :c + chunk], torch.cat([got[:, :c], noise[c // chunk, 0]], 1), cs[:, :c + chunk],
+                    ct[:, :c + chunk], tt, causal=True, pose_src=pose[:, :c + chunk])[:, c:]
+            assert (got[:, c:c + chunk] - ref).norm() / ref.norm() < 1e-5, f"chunk at {c}"
+    assert torch.equal(got, again)
     assert torch.allclose(got, plain, atol=1e-6) == (window == 1)
     if window > 1:
         with pytest.raises(ValueError, match="source's poses"):
