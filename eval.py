@@ -11,8 +11,8 @@ students, beside the same student with window 1 (no memory, --baseline): an orbi
 the KV cache (--stream_frames, by thirds, quarters and frame); with --loops, loops in which the
 source moves on while the target comes back to where it was (agreement between the visits, PSNR
 at both, on the pixels only memory can give back); with --memory, the source turning or sliding
-away while the target stays (pixels only the KV cache still sees; both also with the source's
-motion given, which lets the warp head take them from earlier source frames). docs/loops.md has the
+away while the target stays (pixels only the KV cache still sees; also with the source's motion
+given, which lets the warp head take them from earlier source frames). docs/loops.md has the
 definitions. Prints tables, writes runs/eval/eval.json and eval.png (--out).
 
     python eval.py                                     # the shipped student (checkpoints/)
@@ -413,17 +413,17 @@ def run_loops(model, steps, n_clips, L, device, baseline, sink):
     out = {}
     for kind in LOOPS:
         b, pairs = loop_batch(kind, n_clips, L, model.cfg.size)
-        rows = student_rows(model, b, steps, device, baseline, sink, motion=True)
+        rows = student_rows(model, b, steps, device, baseline, sink)
         rows.update({"copy the source": b["src"], "oracle, no memory": warp_oracle(b, 1),
                      "oracle, perfect memory": warp_oracle(b, L)})
         res = {k: loop_metrics(x, b, pairs) for k, x in rows.items()}
         share = next(iter(res.values()))["mem_share"]
         print(f"\nloop '{kind}' ({L} frames, {steps} steps, {n_clips} clips): the source {'turns' if kind == 'turn' else 'slides'}"
               f" away, the target goes with it and comes back alone; {len(pairs)} revisited frames, memory pixels "
-              f"{100 * share:.0f}%\n{'':34s} {'agree':>6s} {'first':>6s} {'revisit':>7s} | memory pixels: "
+              f"{100 * share:.0f}%\n{'':29s} {'agree':>6s} {'first':>6s} {'revisit':>7s} | memory pixels: "
               f"{'agree':>6s} {'first':>6s} {'revisit':>7s} {'lost':>6s}")
         for k, r in res.items():
-            print(f"{k:34s} {r['agree']:6.2f} {r['first']:6.2f} {r['revisit']:7.2f} |                {r['agree_mem']:6.2f} "
+            print(f"{k:29s} {r['agree']:6.2f} {r['first']:6.2f} {r['revisit']:7.2f} |                {r['agree_mem']:6.2f} "
                   f"{r['first_mem']:6.2f} {r['revisit_mem']:7.2f} {r['first_mem'] - r['revisit_mem']:+6.2f}")
         out[kind] = dict(frames=L, steps=steps, clips=n_clips, rows=res)
     print("agree: PSNR between the frames at the same pose on both visits; first / revisit: against the truth "

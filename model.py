@@ -149,6 +149,10 @@ def null_camera(cam_tgt):
 # -----------------------------------------------------------------------------
 # camera RoPE (the angles and rotations: attention.py)
 
+def plane_rho(planes, dev, dtype):   # the planes' inverse depths (K,), made once per device and dtype
+    return const(("rho", tuple(planes), str(dev), dtype), lambda: torch.tensor(planes, device=dev, dtype=dtype))
+
+
 def plane_uv(cam, planes):
     """Where each pixel's ray meets the fronto-parallel planes z = 1 / rho of the source camera
     (rho in planes; 0 = infinity), as x / z and y / z in the source camera's frame: u, v
@@ -158,8 +162,7 @@ def plane_uv(cam, planes):
     m, d = cam[:, :, :3], cam[:, :, 3:]                                          # (B, F, 3, H, W)
     o = torch.cross(d, m, dim=2)                                                 # ray point nearest the origin
     dev = cam.device
-    rho = const(("rho", tuple(planes), str(dev), cam.dtype),
-                lambda: torch.tensor(planes, device=dev, dtype=cam.dtype).view(1, -1, 1, 1, 1))
+    rho = plane_rho(planes, dev, cam.dtype).view(1, -1, 1, 1, 1)
     dz = d[:, None, :, 2].clamp(min=0.05)                                        # (B, 1, F, H, W)
     # the ray meets z = 1/rho at o + (1/rho - o_z) / d_z d, which projects to x/z = rho o_x + (1 - rho o_z) d_x / d_z
     ox, oy, oz = (o[:, None, :, i] for i in range(3))
@@ -212,8 +215,7 @@ def warp_term(o, cam, k_src, planes, memory=None):
     seen = F.grid_sample(src.repeat_interleave(K, 0), grid, mode="bilinear", padding_mode="border",
                          align_corners=False).view(B * Fr, K, 3, H, W)
     if memory is not None:
-        rho = const(("rho_k", tuple(planes), str(u.device), u.dtype), lambda: torch.tensor(planes, device=u.device, dtype=u.dtype))
-        seen = remembered(seen, grid, u, v, rho, memory, to_grid)
+        seen = remembered(seen, grid, u, v, plane_rho(planes, u.device, u.dtype), memory, to_grid)
     mix = (o[:, :K].softmax(1)[:, :, None] * seen).sum(1)
     return (o[:, K:] * (mix - src)).view(B, Fr, 3, H, W)
 
@@ -475,11 +477,9 @@ def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_
     grad = torch.is_grad_enabled()
     zeros = torch.zeros(B, n, device=src.device)
     k = source_intrinsics(cam_src) if cfg.warp else None                      # the warp head's
-    cond, mem = frame_cond(cfg, src, cam_tgt), None
-    if pose_src is not None and cfg.warp and cfg.window > 1:                # the last window - 1 source frames
-        mem, cache.sources = stream_memory(cache.sources, src, pose_src, cfg.window - 1)
-    else:
-        cache.sources = None                                                  # a chunk without poses ends the memory
+    cond, use = frame_cond(cfg, src, cam_tgt), pose_src is not None and cfg.warp and cfg.window > 1
+    # the last window - 1 source frames and poses, kept in the cache; a chunk without poses ends the memory
+    mem, cache.sources = stream_memory(cache.sources, src, pose_src, cfg.window - 1) if use else (None, None)
     targets = lambda x, t, write: model.forward_frames(x, cond, t, time, (1,) * n, True, cache, write, k, mem)
     with torch.no_grad():
         model.forward_frames(src, frame_cond(cfg, None, cam_src), zeros, time, (0,) * n, True, cache, True)
@@ -491,8 +491,8 @@ def student_chunk(model, cache, src, cam_src, cam_tgt, time, steps, noise, exit_
             heads.append(model.last_warp)
         if j < last:
             x = (1 - ts[j + 1]) * x0 + ts[j + 1] * noise[j + 1]             # re-noise to t_{j+1}
-    with torch.no_grad():
-        targets(x0.detach(), zeros, True)                                   # the clean keys and values
+    with torch.no_grad():                       # the clean keys and values (its output unused: no memory)
+        model.forward_frames(x0.detach(), cond, zeros, time, (1,) * n, True, cache, True, k)
     return x0
 
 
